@@ -1,0 +1,3 @@
+"""Data: NIfTI io and validation, MMWHS layout, phantom, preprocessing, splits, input pipeline."""
+from wh_errmap.data.nifti_io import (MMWHS_CODES, NUM_CLASSES, STRUCTURES, Case, InvalidCaseError,
+                                     load_case, save_nifti)
