@@ -1,0 +1,107 @@
+"""Preprocessing geometry, intensity scaling, restore round trip and the cache."""
+from __future__ import annotations
+
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from wh_errmap.data import load_case
+from wh_errmap.data.preprocess import (PreprocessConfig, preprocess_cached, preprocess_case,
+                                       restore_to_original)
+
+
+def ellipsoid_case(tmp_path, write):
+  """7 separate ellipsoids (radii 12..20 mm) on a 1.1 x 1.1 x 1.6 mm LPS-oriented grid."""
+  spacing = np.array([1.1, 1.1, 1.6])
+  shape = (110, 110, 70)
+  affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+  grid = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)],
+                              indexing="ij"), -1)
+  label = np.zeros(shape, np.uint8)
+  rng = np.random.default_rng(0)
+  centres = [(30, 30, 30), (30, 60, 40), (30, 90, 70), (60, 30, 80), (60, 65, 40),
+             (90, 30, 50), (90, 80, 60)]
+  for cls, centre in enumerate(centres, start=1):
+    radii = rng.uniform(12, 20, size=3)
+    label[(((grid - np.array(centre)) / radii) ** 2).sum(-1) <= 1] = cls
+  image = (200 + 40 * label + rng.normal(0, 10, shape)).astype(np.float32)
+  return write(tmp_path / "mr_train_1002_image.nii.gz", image, affine), write(
+      tmp_path / "mr_train_1002_label.nii.gz", label, affine)
+
+
+def dice(a, b, cls):
+  a, b = a == cls, b == cls
+  return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+@pytest.fixture
+def ellipsoids(tmp_path):
+  from tests.conftest import write_nifti
+  return ellipsoid_case(tmp_path, write_nifti)
+
+
+def test_geometry_and_intensities(ellipsoids):
+  case = load_case(*ellipsoids)
+  pre = preprocess_case(case, PreprocessConfig(margin_mm=8.0))
+  assert pre.image.dtype == np.float32 and pre.label.dtype == np.uint8
+  assert pre.image.shape == pre.label.shape
+  assert pre.image.min() >= -1.0 and pre.image.max() <= 1.0
+  assert set(np.unique(pre.label)) <= set(np.unique(case.label))
+  # 2 mm voxels: the affine's columns have length 2, and the label box + 4 voxel margin.
+  affine = np.asarray(pre.properties["affine"])
+  np.testing.assert_allclose(np.linalg.norm(affine[:3, :3], axis=0), 2.0)
+  nonzero = np.argwhere(pre.label > 0)
+  assert (nonzero.min(0) == 4).all() and (np.array(pre.label.shape) - nonzero.max(0) - 1 == 4).all()
+
+
+def test_preprocessed_affine_maps_to_the_same_world_points(ellipsoids):
+  case = load_case(*ellipsoids)
+  pre = preprocess_case(case)
+  affine = np.asarray(pre.properties["affine"])
+  for cls in (1, 4, 7):
+    centre_pre = affine @ np.append(np.argwhere(pre.label == cls).mean(0), 1)
+    centre_raw = case.affine @ np.append(np.argwhere(case.label == cls).mean(0), 1)
+    np.testing.assert_allclose(centre_pre[:3], centre_raw[:3], atol=1.0)
+
+
+def test_restore_round_trip(ellipsoids):
+  case = load_case(*ellipsoids)
+  pre = preprocess_case(case)
+  restored = restore_to_original(pre.label, pre.properties, order=0)
+  original = np.asarray(nib.load(str(ellipsoids[1])).dataobj)
+  assert restored.shape == original.shape
+  scores = [dice(restored, original, c) for c in range(1, 8)]
+  assert min(scores) >= 0.95, scores
+
+
+def test_unlabelled_image_gets_fallback_crop(ellipsoids):
+  case = load_case(ellipsoids[0])
+  pre = preprocess_case(case, PreprocessConfig(fallback_crop_size=(20, 24, 16)))
+  assert pre.label is None and pre.image.shape == (20, 24, 16)
+
+
+def test_crop_from_mask(ellipsoids):
+  labelled = load_case(*ellipsoids)
+  unlabelled = load_case(ellipsoids[0])
+  a = preprocess_case(labelled)
+  b = preprocess_case(unlabelled, crop_label=labelled.label)
+  np.testing.assert_array_equal(a.image, b.image)
+  assert a.properties["crop_start"] == b.properties["crop_start"]
+
+
+def test_cache_is_reused_and_keyed_by_config_and_file(ellipsoids, tmp_path):
+  cache = tmp_path / "cache"
+  first, hit = preprocess_cached(*ellipsoids, cache)
+  assert not hit
+  second, hit = preprocess_cached(*ellipsoids, cache)
+  assert hit
+  np.testing.assert_array_equal(first.image, second.image)
+  np.testing.assert_array_equal(first.label, second.label)
+  assert first.properties == second.properties
+  _, hit = preprocess_cached(*ellipsoids, cache, PreprocessConfig(margin_mm=4.0))
+  assert not hit
+  os.utime(ellipsoids[0], ns=(1, 1))  # the file changed: the entry is stale
+  _, hit = preprocess_cached(*ellipsoids, cache)
+  assert not hit

@@ -1,0 +1,104 @@
+"""A dataset ready for training: data folder (or phantom), preprocessing cache and CV split.
+
+Cache layout (root: `cache_dir`, by default $WH_ERRMAP_CACHE or ~/.cache/wh_errmap):
+
+    phantom-n{N}-s{seed}/            generated phantom in the MMWHS layout (when no data_dir)
+    datasets/{name}-{hash}/          one folder per data folder (hash of its absolute path)
+      splits.json                    the K-fold split, written once
+      preprocessed/{case}-{key}.npz  one file per case; key = input files + preprocess config
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from wh_errmap.data.mmwhs import find_cases
+from wh_errmap.data.nifti_io import InvalidCaseError
+from wh_errmap.data.preprocess import PreprocessConfig, PreprocessedCase, preprocess_cached
+from wh_errmap.data.splits import fold_cases, load_or_create_splits
+
+Progress = Callable[[str], None]
+PHANTOM_VERSION = 1  # bump when the generator changes, so old caches are not reused
+
+
+def default_cache_dir() -> Path:
+  return Path(os.environ.get("WH_ERRMAP_CACHE") or Path.home() / ".cache" / "wh_errmap")
+
+
+def phantom_dir(cache_dir: str | os.PathLike, num_cases: int, seed: int,
+                progress: Progress = print) -> Path:
+  """The phantom data folder in the cache, generated on first use."""
+  from wh_errmap.data.phantom import write_phantom  # only needed when no data_dir is given
+  path = Path(cache_dir) / f"phantom-v{PHANTOM_VERSION}-n{num_cases}-s{seed}"
+  done = path / ".complete"
+  if not done.exists():
+    progress(f"generating the synthetic phantom ({num_cases} cases, seed {seed}) in {path}")
+    start = time.perf_counter()
+    write_phantom(path, num_cases=num_cases, seed=seed, progress=progress)
+    done.write_text(f"{num_cases} cases\n")
+    progress(f"phantom ready in {time.perf_counter() - start:.1f} s")
+  return path
+
+
+@dataclasses.dataclass
+class Dataset:
+  data_dir: Path
+  cache_dir: Path                       # this data folder's cache (splits.json lives here)
+  cases: dict[str, PreprocessedCase]    # by case id, sorted
+  folds: list[dict]                     # [{"train": [...], "test": [...]}, ...]
+
+  def fold(self, k: int) -> tuple[list[PreprocessedCase], list[PreprocessedCase]]:
+    train, test = fold_cases(self.folds, k)
+    return [self.cases[c] for c in train], [self.cases[c] for c in test]
+
+
+def dataset_cache_dir(cache_dir: str | os.PathLike, data_dir: str | os.PathLike) -> Path:
+  data_dir = Path(data_dir).resolve()
+  digest = hashlib.sha1(str(data_dir).encode()).hexdigest()[:8]
+  return Path(cache_dir) / "datasets" / f"{data_dir.name}-{digest}"
+
+
+def prepare_dataset(data_dir: str | os.PathLike, cache_dir: str | os.PathLike,
+                    modality: str = "mr",
+                    preprocess: PreprocessConfig = PreprocessConfig(),
+                    num_folds: int = 5, split_seed: int = 0,
+                    progress: Progress = print) -> Dataset:
+  """Finds the labelled cases, preprocesses them (or reads the cache) and loads the split."""
+  found = find_cases(data_dir, modality=modality)
+  for case_paths in found:
+    if case_paths.label_path is None and "_train_" in case_paths.case_id:
+      raise InvalidCaseError(case_paths.image_path, "training image without its label file")
+  paths = [c for c in found if c.label_path is not None]
+  if not paths:
+    raise InvalidCaseError(data_dir, f"no labelled {modality} cases found")
+  own_cache = dataset_cache_dir(cache_dir, data_dir)
+  cases = {}
+  start = time.perf_counter()
+  for i, case_paths in enumerate(paths):
+    case, hit = preprocess_cached(case_paths.image_path, case_paths.label_path,
+                                  own_cache / "preprocessed", preprocess, case_paths.case_id)
+    cases[case.case_id] = case
+    if not hit:
+      progress(f"preprocessed {case.case_id} ({i + 1}/{len(paths)}): "
+               f"{'x'.join(map(str, case.image.shape))} at {preprocess.spacing[0]:g} mm")
+  progress(f"{len(cases)} cases ready in {time.perf_counter() - start:.1f} s "
+           f"(cache: {own_cache})")
+  folds = load_or_create_splits(own_cache / "splits.json", list(cases), num_folds, split_seed)
+  return Dataset(Path(data_dir), own_cache, cases, folds)
+
+
+def dataset_from_config(config, progress: Progress = print) -> Dataset:
+  """`prepare_dataset` driven by an experiment config (see experiments/base.py)."""
+  cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+  data_dir = config.data_dir or phantom_dir(cache_dir, config.num_cases, config.seed, progress)
+  preprocess = PreprocessConfig(
+      spacing=tuple(config.preprocess.spacing),
+      clip_percentiles=tuple(config.preprocess.clip_percentiles),
+      margin_mm=config.preprocess.margin_mm,
+      fallback_crop_size=tuple(config.preprocess.fallback_crop_size))
+  return prepare_dataset(data_dir, cache_dir, config.modality, preprocess,
+                         config.splits.num_folds, config.seed, progress)

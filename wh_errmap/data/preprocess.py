@@ -1,0 +1,234 @@
+"""Preprocessing, run once per case and cached (nnU-Net style).
+
+RAS+ volume -> resample to isotropic spacing (linear for images, nearest for labels, so
+labels never take new values) -> clip intensities at robust percentiles and scale to
+[-1, 1] -> crop the heart region. Everything needed to map a result back to the file's
+own grid is kept in `properties`, and `restore_to_original` does that mapping.
+
+Crop policy: the bounding box of the label (or of the mask being assessed at predict
+time) plus a margin; an image without any label falls back to a centred box of
+`fallback_crop_size` voxels. Boxes that reach past the volume are padded (image -1,
+label 0).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from wh_errmap.data.nifti_io import Case, InvalidCaseError, from_canonical, load_case
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+  spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)    # target voxel size, mm
+  clip_percentiles: tuple[float, float] = (0.5, 99.5)      # intensity clip before scaling
+  margin_mm: float = 16.0                                  # added around the label's box
+  fallback_crop_size: tuple[int, int, int] = (120, 120, 90)  # unlabelled images, voxels
+
+  def to_json(self) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclasses.dataclass
+class PreprocessedCase:
+  """image: (X, Y, Z) float32 in [-1, 1]; label: (X, Y, Z) uint8 classes 0..7 or None.
+
+  properties: JSON-serialisable geometry (original and RAS+ headers, resampled shape,
+  crop box) used by `restore_to_original`.
+  """
+  case_id: str
+  image: np.ndarray
+  label: np.ndarray | None
+  properties: dict[str, Any]
+
+
+def _resample_geometry(in_shape, in_spacing, out_spacing):
+  """Output shape and the (scale, offset) that maps output voxel indices to input indices.
+
+  The two grids share their centre, and the output spacing is exactly `out_spacing`.
+  """
+  in_shape = np.asarray(in_shape, float)
+  scale = np.asarray(out_spacing, float) / np.asarray(in_spacing, float)
+  out_shape = np.maximum(1, np.round(in_shape / scale)).astype(int)
+  offset = (in_shape - 1) / 2 - scale * (out_shape - 1) / 2
+  return tuple(int(s) for s in out_shape), scale, offset
+
+
+def _zoom(volume: np.ndarray, scale, offset, out_shape, order: int) -> np.ndarray:
+  return ndimage.affine_transform(volume, scale, offset=offset, output_shape=tuple(out_shape),
+                                  order=order, mode="nearest", prefilter=False)
+
+
+def _crop_box(label: np.ndarray | None, shape, spacing, config: PreprocessConfig):
+  if label is not None and label.any():
+    nonzero = np.nonzero(label)
+    lo = np.array([idx.min() for idx in nonzero])
+    hi = np.array([idx.max() + 1 for idx in nonzero])
+    margin = np.round(config.margin_mm / np.asarray(spacing)).astype(int)
+    return lo - margin, hi + margin
+  size = np.asarray(config.fallback_crop_size)
+  start = (np.asarray(shape) - size) // 2
+  return start, start + size
+
+
+def _take(volume: np.ndarray, start, stop, fill) -> np.ndarray:
+  """volume[start:stop] where the box may reach past the volume (padded with `fill`)."""
+  out = np.full(tuple(stop - start), fill, volume.dtype)
+  src_lo = np.maximum(start, 0)
+  src_hi = np.minimum(stop, volume.shape)
+  src = tuple(slice(a, b) for a, b in zip(src_lo, src_hi))
+  dst = tuple(slice(a - s, b - s) for a, b, s in zip(src_lo, src_hi, start))
+  out[dst] = volume[src]
+  return out
+
+
+def preprocess_case(case: Case, config: PreprocessConfig = PreprocessConfig(),
+                    crop_label: np.ndarray | None = None) -> PreprocessedCase:
+  """Resamples, normalises and crops a RAS+ case.
+
+  crop_label: (X, Y, Z) on the case's grid that defines the crop box when the case has no
+  label (at predict time: the mask being assessed). Defaults to the case's label.
+  """
+  out_shape, scale, offset = _resample_geometry(case.image.shape, case.spacing, config.spacing)
+  image = _zoom(case.image, scale, offset, out_shape, order=1)
+  lo, hi = np.percentile(image, config.clip_percentiles)
+  if not hi > lo:
+    raise InvalidCaseError(case.image_path, "image intensities are constant")
+  image = (2.0 * (np.clip(image, lo, hi) - lo) / (hi - lo) - 1.0).astype(np.float32)
+
+  label = None
+  if case.label is not None:
+    label = _zoom(case.label, scale, offset, out_shape, order=0)
+  box_source = label if crop_label is None else _zoom(crop_label, scale, offset, out_shape, 0)
+  start, stop = _crop_box(box_source, out_shape, config.spacing, config)
+  image = _take(image, start, stop, fill=-1.0)
+  if label is not None:
+    label = _take(label, start, stop, fill=0)
+
+  # voxel -> world of the cropped volume: RAS+ affine, scaled grid, shifted by the crop.
+  to_input = np.eye(4)
+  to_input[:3, :3] = np.diag(scale)
+  to_input[:3, 3] = offset + scale * start
+  properties = {
+      "image_path": case.image_path,
+      "label_path": case.label_path,
+      "original_shape": list(case.original_shape),
+      "original_affine": np.asarray(case.original_affine).tolist(),
+      "canonical_shape": list(case.image.shape),
+      "canonical_spacing": list(case.spacing),
+      "resampled_shape": list(out_shape),
+      "crop_start": start.tolist(),
+      "crop_stop": stop.tolist(),
+      "spacing": list(config.spacing),
+      "intensity_clip": [float(lo), float(hi)],
+      "affine": (np.asarray(case.affine) @ to_input).tolist(),
+  }
+  return PreprocessedCase(case.case_id, image, label, properties)
+
+
+def restore_to_original(volume: np.ndarray, properties: dict[str, Any],
+                        order: int = 0) -> np.ndarray:
+  """Maps a (X, Y, Z) volume in preprocessed space back to the original file's grid.
+
+  order=0 for label maps: each class's indicator is interpolated linearly and the most
+  likely class taken, which gives smooth boundaries (nearest-neighbour upsampling of a
+  2 mm grid gives staircases) and never creates a class that is not in `volume`.
+  order=1 (linear) for probabilities. Outside the crop box the result is 0.
+  """
+  start = np.asarray(properties["crop_start"])
+  stop = np.asarray(properties["crop_stop"])
+  if tuple(volume.shape) != tuple(stop - start):
+    raise ValueError(f"volume shape {volume.shape} does not match the crop box "
+                     f"{tuple(stop - start)} of {properties['image_path']}")
+  shape = np.asarray(properties["canonical_shape"])
+  _, scale, offset = _resample_geometry(shape, properties["canonical_spacing"],
+                                        properties["spacing"])
+  # Only the canonical voxels under the crop box can be non-zero: resample just those.
+  lo = np.clip(np.floor(offset + scale * (start - 1)).astype(int), 0, shape)
+  hi = np.clip(np.ceil(offset + scale * stop).astype(int) + 1, 0, shape)
+  # canonical index lo + i -> crop index (lo + i - offset) / scale - start
+  region_scale, region_offset = 1.0 / scale, (lo - offset) / scale - start
+
+  def resample(x: np.ndarray, interp_order: int) -> np.ndarray:
+    return ndimage.affine_transform(x, region_scale, offset=region_offset,
+                                    output_shape=tuple(hi - lo), order=interp_order,
+                                    mode="constant", cval=0.0, prefilter=False)
+
+  if order == 0:
+    classes = [c for c in np.unique(volume) if c != 0]
+    probs = [resample((volume == c).astype(np.float32), 1) for c in classes]
+    background = 1.0 - np.sum(probs, axis=0) if probs else np.ones(tuple(hi - lo), np.float32)
+    winner = np.argmax(np.stack([background, *probs]), axis=0)
+    region = np.asarray([0, *classes], volume.dtype)[winner]
+  else:
+    region = resample(volume, order)
+  canonical = np.zeros(tuple(shape), region.dtype)
+  canonical[tuple(slice(a, b) for a, b in zip(lo, hi))] = region
+  return np.ascontiguousarray(from_canonical(canonical, np.asarray(properties["original_affine"])))
+
+
+# ---------------------------------------------------------------- cache
+
+def cache_key(paths: Sequence[str | os.PathLike | None], config: PreprocessConfig) -> str:
+  """Changes when an input file (path, size, mtime) or the preprocessing config changes."""
+  parts = [json.dumps(config.to_json(), sort_keys=True)]
+  for path in paths:
+    if path is None:
+      parts.append("-")
+      continue
+    stat = os.stat(path)
+    parts.append(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}")
+  return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def save_preprocessed(path: Path, case: PreprocessedCase) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  arrays = {"image": case.image, "properties": np.array(json.dumps(case.properties))}
+  if case.label is not None:
+    arrays["label"] = case.label
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, case_id=np.array(case.case_id), **arrays)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def load_preprocessed(path: Path) -> PreprocessedCase:
+  with np.load(path) as data:
+    return PreprocessedCase(
+        case_id=str(data["case_id"]),
+        image=data["image"],
+        label=data["label"] if "label" in data else None,
+        properties=json.loads(str(data["properties"])))
+
+
+def preprocess_cached(image_path: str | os.PathLike, label_path: str | os.PathLike | None,
+                      cache_dir: str | os.PathLike,
+                      config: PreprocessConfig = PreprocessConfig(),
+                      case_id: str | None = None) -> tuple[PreprocessedCase, bool]:
+  """Loads, validates and preprocesses a case, or reads it from the cache.
+
+  Returns (case, hit) where hit says whether the cache was used.
+  """
+  key = cache_key([image_path, label_path], config)
+  case_id = case_id or Path(image_path).name.split(".nii")[0].removesuffix("_image")
+  path = Path(cache_dir) / f"{case_id}-{key}.npz"
+  if path.exists():
+    try:
+      return load_preprocessed(path), True
+    except (OSError, ValueError, KeyError, EOFError):
+      path.unlink()  # unreadable cache entry: rebuild it rather than fail
+  case = preprocess_case(load_case(image_path, label_path, case_id=case_id), config)
+  save_preprocessed(path, case)
+  return case, False
