@@ -44,12 +44,13 @@ def ellipsoids(tmp_path):
 
 def test_geometry_and_intensities(ellipsoids):
   case = load_case(*ellipsoids)
-  pre = preprocess_case(case, PreprocessConfig(margin_mm=8.0))
+  pre = preprocess_case(case, PreprocessConfig(margin_mm=8.0, crop_size=(8, 8, 8)))
   assert pre.image.dtype == np.float32 and pre.label.dtype == np.uint8
   assert pre.image.shape == pre.label.shape
   assert pre.image.min() >= -1.0 and pre.image.max() <= 1.0
   assert set(np.unique(pre.label)) <= set(np.unique(case.label))
-  # 2 mm voxels: the affine's columns have length 2, and the label box + 4 voxel margin.
+  # 2 mm voxels: the affine's columns have length 2; a small least crop size leaves the
+  # label's box + 4 voxel margin.
   affine = np.asarray(pre.properties["affine"])
   np.testing.assert_allclose(np.linalg.norm(affine[:3, :3], axis=0), 2.0)
   nonzero = np.argwhere(pre.label > 0)
@@ -76,9 +77,21 @@ def test_restore_round_trip(ellipsoids):
   assert min(scores) >= 0.95, scores
 
 
-def test_unlabelled_image_gets_fallback_crop(ellipsoids):
+def test_crop_is_at_least_crop_size_and_centred_on_the_label(ellipsoids):
+  case = load_case(*ellipsoids)
+  pre = preprocess_case(case, PreprocessConfig(crop_size=(90, 30, 80)))
+  nonzero = np.argwhere(pre.label > 0)
+  assert pre.image.shape[0] == 90 and pre.image.shape[2] == 80
+  assert pre.image.shape[1] > 30  # the label is wider than 30 voxels: the box grows
+  centre = (nonzero.min(0) + nonzero.max(0) + 1) / 2
+  np.testing.assert_allclose(centre, np.array(pre.image.shape) / 2, atol=1)
+  # The box reaches past the volume along x: padded with the background intensity.
+  assert pre.image[0].max() == -1.0 or pre.image[-1].max() == -1.0
+
+
+def test_unlabelled_image_gets_centred_crop(ellipsoids):
   case = load_case(ellipsoids[0])
-  pre = preprocess_case(case, PreprocessConfig(fallback_crop_size=(20, 24, 16)))
+  pre = preprocess_case(case, PreprocessConfig(crop_size=(20, 24, 16)))
   assert pre.label is None and pre.image.shape == (20, 24, 16)
 
 
@@ -105,3 +118,21 @@ def test_cache_is_reused_and_keyed_by_config_and_file(ellipsoids, tmp_path):
   os.utime(ellipsoids[0], ns=(1, 1))  # the file changed: the entry is stale
   _, hit = preprocess_cached(*ellipsoids, cache)
   assert not hit
+
+
+def test_phantom_round_trip_and_size(tmp_path):
+  """A full-size phantom case: ~120 x 120 x 90 at 2 mm, all 7 structures, and label ->
+  preprocess -> restore keeps every structure's Dice >= 0.95 on the original grid."""
+  from tests.conftest import write_nifti
+  from wh_errmap.data.phantom import make_phantom_case
+  image, label, affine = make_phantom_case(seed=0, index=0)
+  paths = (write_nifti(tmp_path / "mr_train_1001_image.nii.gz", image, affine),
+           write_nifti(tmp_path / "mr_train_1001_label.nii.gz", label, affine))
+  pre = preprocess_case(load_case(*paths))
+  assert pre.image.shape == (120, 120, 90)
+  assert sorted(np.unique(pre.label)) == list(range(8))
+  restored = restore_to_original(pre.label, pre.properties, order=0)
+  assert restored.shape == label.shape
+  original = np.searchsorted([0, 205, 420, 500, 550, 600, 820, 850], label)
+  scores = [dice(restored, original, c) for c in range(1, 8)]
+  assert min(scores) >= 0.95, scores

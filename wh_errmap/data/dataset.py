@@ -99,6 +99,6 @@ def dataset_from_config(config, progress: Progress = print) -> Dataset:
       spacing=tuple(config.preprocess.spacing),
       clip_percentiles=tuple(config.preprocess.clip_percentiles),
       margin_mm=config.preprocess.margin_mm,
-      fallback_crop_size=tuple(config.preprocess.fallback_crop_size))
+      crop_size=tuple(config.preprocess.crop_size))
   return prepare_dataset(data_dir, cache_dir, config.modality, preprocess,
                          config.splits.num_folds, config.seed, progress)

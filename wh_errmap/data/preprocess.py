@@ -1,13 +1,14 @@
 """Preprocessing, run once per case and cached (nnU-Net style).
 
-RAS+ volume -> resample to isotropic spacing (linear for images, nearest for labels, so
-labels never take new values) -> clip intensities at robust percentiles and scale to
+RAS+ volume -> resample to isotropic spacing (linear for images; labels through their
+class indicators, see `_resample`) -> clip intensities at robust percentiles and scale to
 [-1, 1] -> crop the heart region. Everything needed to map a result back to the file's
 own grid is kept in `properties`, and `restore_to_original` does that mapping.
 
-Crop policy: the bounding box of the label (or of the mask being assessed at predict
-time) plus a margin; an image without any label falls back to a centred box of
-`fallback_crop_size` voxels. Boxes that reach past the volume are padded (image -1,
+Crop policy: a box of `crop_size` voxels (120 x 120 x 90 at 2 mm, as in the paper) centred
+on the bounding box of the label (or of the mask being assessed at predict time), grown
+where the bounding box plus `margin_mm` is larger; an image without any label gets the
+box centred on the volume. Boxes that reach past the volume are padded (image -1,
 label 0).
 """
 from __future__ import annotations
@@ -30,8 +31,8 @@ from wh_errmap.data.nifti_io import Case, InvalidCaseError, from_canonical, load
 class PreprocessConfig:
   spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)    # target voxel size, mm
   clip_percentiles: tuple[float, float] = (0.5, 99.5)      # intensity clip before scaling
-  margin_mm: float = 16.0                                  # added around the label's box
-  fallback_crop_size: tuple[int, int, int] = (120, 120, 90)  # unlabelled images, voxels
+  margin_mm: float = 16.0                                  # least margin around the label
+  crop_size: tuple[int, int, int] = (120, 120, 90)         # least crop size, voxels
 
   def to_json(self) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -62,20 +63,41 @@ def _resample_geometry(in_shape, in_spacing, out_spacing):
   return tuple(int(s) for s in out_shape), scale, offset
 
 
-def _zoom(volume: np.ndarray, scale, offset, out_shape, order: int) -> np.ndarray:
-  return ndimage.affine_transform(volume, scale, offset=offset, output_shape=tuple(out_shape),
-                                  order=order, mode="nearest", prefilter=False)
+def _resample(volume: np.ndarray, scale, offset, out_shape, *, label: bool,
+              outside: str = "nearest") -> np.ndarray:
+  """Axis-aligned resampling: output voxel i samples the input at scale * i + offset.
+
+  Images are interpolated linearly. Labels are resampled through their class indicators:
+  each class's 0/1 map is interpolated linearly and every voxel takes the most likely
+  class. Unlike nearest-neighbour it follows the interpolated boundary instead of a
+  staircase (a 1 mm -> 2 mm -> 1 mm round trip of the phantom keeps Dice >= 0.96 instead
+  of ~0.94 for the thin vessels), and like it never creates a class that was not there.
+  outside: "nearest" extends the edge voxels, "constant" reads zeros beyond the volume.
+  """
+  kwargs = dict(offset=offset, output_shape=tuple(int(n) for n in out_shape), order=1,
+                mode=outside, cval=0.0, prefilter=False)
+  if not label:
+    return ndimage.affine_transform(volume, scale, **kwargs)
+  classes = [c for c in np.unique(volume) if c != 0]
+  probs = [ndimage.affine_transform((volume == c).astype(np.float32), scale, **kwargs)
+           for c in classes]
+  background = 1.0 - np.sum(probs, axis=0) if probs else np.ones(kwargs["output_shape"])
+  winner = np.argmax(np.stack([background, *probs]), axis=0)
+  return np.asarray([0, *classes], volume.dtype)[winner]
 
 
 def _crop_box(label: np.ndarray | None, shape, spacing, config: PreprocessConfig):
-  if label is not None and label.any():
-    nonzero = np.nonzero(label)
-    lo = np.array([idx.min() for idx in nonzero])
-    hi = np.array([idx.max() + 1 for idx in nonzero])
-    margin = np.round(config.margin_mm / np.asarray(spacing)).astype(int)
-    return lo - margin, hi + margin
-  size = np.asarray(config.fallback_crop_size)
-  start = (np.asarray(shape) - size) // 2
+  """(start, stop) voxel indices of the crop; they may reach past the volume."""
+  size = np.asarray(config.crop_size)
+  if label is None or not label.any():
+    start = (np.asarray(shape) - size) // 2
+    return start, start + size
+  nonzero = np.nonzero(label)
+  lo = np.array([idx.min() for idx in nonzero])
+  hi = np.array([idx.max() + 1 for idx in nonzero])
+  margin = np.round(config.margin_mm / np.asarray(spacing)).astype(int)
+  size = np.maximum(size, hi - lo + 2 * margin)
+  start = (lo + hi - size) // 2
   return start, start + size
 
 
@@ -98,7 +120,7 @@ def preprocess_case(case: Case, config: PreprocessConfig = PreprocessConfig(),
   label (at predict time: the mask being assessed). Defaults to the case's label.
   """
   out_shape, scale, offset = _resample_geometry(case.image.shape, case.spacing, config.spacing)
-  image = _zoom(case.image, scale, offset, out_shape, order=1)
+  image = _resample(case.image, scale, offset, out_shape, label=False)
   lo, hi = np.percentile(image, config.clip_percentiles)
   if not hi > lo:
     raise InvalidCaseError(case.image_path, "image intensities are constant")
@@ -106,8 +128,9 @@ def preprocess_case(case: Case, config: PreprocessConfig = PreprocessConfig(),
 
   label = None
   if case.label is not None:
-    label = _zoom(case.label, scale, offset, out_shape, order=0)
-  box_source = label if crop_label is None else _zoom(crop_label, scale, offset, out_shape, 0)
+    label = _resample(case.label, scale, offset, out_shape, label=True)
+  box_source = label if crop_label is None else _resample(crop_label, scale, offset, out_shape,
+                                                          label=True)
   start, stop = _crop_box(box_source, out_shape, config.spacing, config)
   image = _take(image, start, stop, fill=-1.0)
   if label is not None:
@@ -138,10 +161,8 @@ def restore_to_original(volume: np.ndarray, properties: dict[str, Any],
                         order: int = 0) -> np.ndarray:
   """Maps a (X, Y, Z) volume in preprocessed space back to the original file's grid.
 
-  order=0 for label maps: each class's indicator is interpolated linearly and the most
-  likely class taken, which gives smooth boundaries (nearest-neighbour upsampling of a
-  2 mm grid gives staircases) and never creates a class that is not in `volume`.
-  order=1 (linear) for probabilities. Outside the crop box the result is 0.
+  order=0 for label maps (resampled through class indicators, see `_resample`), 1 for
+  probabilities (linear). Outside the crop box the result is 0.
   """
   start = np.asarray(properties["crop_start"])
   stop = np.asarray(properties["crop_stop"])
@@ -155,21 +176,8 @@ def restore_to_original(volume: np.ndarray, properties: dict[str, Any],
   lo = np.clip(np.floor(offset + scale * (start - 1)).astype(int), 0, shape)
   hi = np.clip(np.ceil(offset + scale * stop).astype(int) + 1, 0, shape)
   # canonical index lo + i -> crop index (lo + i - offset) / scale - start
-  region_scale, region_offset = 1.0 / scale, (lo - offset) / scale - start
-
-  def resample(x: np.ndarray, interp_order: int) -> np.ndarray:
-    return ndimage.affine_transform(x, region_scale, offset=region_offset,
-                                    output_shape=tuple(hi - lo), order=interp_order,
-                                    mode="constant", cval=0.0, prefilter=False)
-
-  if order == 0:
-    classes = [c for c in np.unique(volume) if c != 0]
-    probs = [resample((volume == c).astype(np.float32), 1) for c in classes]
-    background = 1.0 - np.sum(probs, axis=0) if probs else np.ones(tuple(hi - lo), np.float32)
-    winner = np.argmax(np.stack([background, *probs]), axis=0)
-    region = np.asarray([0, *classes], volume.dtype)[winner]
-  else:
-    region = resample(volume, order)
+  region = _resample(volume, 1.0 / scale, (lo - offset) / scale - start, hi - lo,
+                     label=order == 0, outside="constant")
   canonical = np.zeros(tuple(shape), region.dtype)
   canonical[tuple(slice(a, b) for a, b in zip(lo, hi))] = region
   return np.ascontiguousarray(from_canonical(canonical, np.asarray(properties["original_affine"])))

@@ -1,0 +1,57 @@
+"""The base config every experiment starts from; the paper's settings are the defaults."""
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.data_dir = ""          # MMWHS folder; "" = the synthetic phantom, generated into the cache
+  c.cache_dir = ""         # "" = $WH_ERRMAP_CACHE or ~/.cache/wh_errmap
+  c.modality = "mr"        # which MMWHS cases to use: "mr" (the paper) or "ct"
+  c.num_cases = 20         # phantom size when data_dir is "" (MMWHS MR has 20 labelled scans)
+  c.seed = 0               # one seed for phantom, split, initialisation and data order
+  c.fold = 0               # which cross-validation fold to run
+
+  c.preprocess = ml_collections.ConfigDict()
+  c.preprocess.spacing = (2.0, 2.0, 2.0)            # mm, isotropic as in the paper
+  c.preprocess.clip_percentiles = (0.5, 99.5)       # robust intensity range -> [-1, 1]
+  c.preprocess.margin_mm = 16.0             # least margin around the heart's bounding box
+  c.preprocess.crop_size = (120, 120, 90)   # least crop, centred on the heart (paper)
+
+  c.splits = ml_collections.ConfigDict()
+  c.splits.num_folds = 5   # 5-fold cross-validation as in the paper
+
+  c.input = ml_collections.ConfigDict()
+  c.input.crop_3d = (96, 96, 80)     # 3D training crops (paper)
+  c.input.crop_2d = (96, 96)         # 2D training slices
+  c.input.batch_size = 2             # global batch, split over all devices
+  c.input.scale_range = (0.9, 1.1)   # random isotropic scaling
+  c.input.num_workers = 0            # grain worker processes; 0 = in the main process
+
+  c.model = ml_collections.ConfigDict()   # VoxResNet, shared by segmentors and predictor
+  c.model.width1 = 32          # channels of conv1a/conv1b (paper)
+  c.model.width2 = 64          # channels of the three downsampling stages (paper)
+  c.model.num_voxres = 2       # VoxRes modules per stage (paper)
+  c.model.norm = "batch"       # "batch", "group" or "instance"
+  c.model.upsample = "linear"  # side outputs: "linear" (cheap, exact) or "transpose" (learned)
+  c.model.dtype = "float32"    # compute dtype; "bfloat16" for mixed precision on GPU/TPU
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 1e-3      # Adam peak learning rate
+  c.optim.warmup_steps = 100        # linear warm-up from 0
+  c.optim.schedule = "cosine"       # "cosine" decay to final_lr_fraction, or "constant"
+  c.optim.final_lr_fraction = 0.01  # end of the cosine schedule, relative to the peak
+  c.optim.weight_decay = 0.0        # decoupled weight decay (0 = plain Adam, as the paper)
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.side_weights = (1.0, 1.0, 1.0, 1.0)  # deep supervision, side outputs 2..5
+  c.loss.dice_weight = 1.0                    # CE + dice_weight * soft Dice per output
+
+  c.train = ml_collections.ConfigDict()
+  c.train.seg3d = ml_collections.ConfigDict({"steps": 20000, "batch_size": 2})  # 3D crops
+  c.train.seg2d = ml_collections.ConfigDict({"steps": 20000, "batch_size": 16})  # 2D slices
+  c.train.log_every = 50           # console + metrics.jsonl every N steps
+  c.train.checkpoint_every = 1000  # orbax checkpoint every N steps (and at the end)
+  c.train.keep_checkpoints = 3     # newest checkpoints kept per model
+  return c

@@ -1,0 +1,26 @@
+"""Writes the synthetic whole-heart phantom in the MMWHS layout into --data_dir."""
+from __future__ import annotations
+
+import time
+
+import ml_collections
+
+from experiments import base
+from wh_errmap.data.phantom import write_phantom
+from wh_errmap.errors import UserError
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = base.get_config()
+  c.data_dir = ""   # required: where to write the cases
+  return c
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  del workdir  # the phantom goes to data_dir
+  if not config.data_dir:
+    raise UserError("make_phantom needs --data_dir: the folder to write the cases to")
+  start = time.perf_counter()
+  write_phantom(config.data_dir, num_cases=config.num_cases, seed=config.seed)
+  print(f"wrote {config.num_cases} cases to {config.data_dir} "
+        f"in {time.perf_counter() - start:.1f} s", flush=True)

@@ -1,0 +1,43 @@
+"""Entry point: `python launch.py --experiment=NAME [--fold=k] [--set=field=value ...]`.
+
+Each experiment lives in experiments/NAME.py (get_config + run). Flags below override the
+config field of the same name; `--set` reaches any field, e.g. `--set=input.batch_size=4`.
+"""
+import sys
+
+from absl import app, flags
+
+import experiments
+from wh_errmap.errors import UserError
+
+_EXPERIMENT = flags.DEFINE_string(
+    "experiment", "quickstart", f"One of: {', '.join(experiments.names())}.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where a run writes its outputs.")
+_SET = flags.DEFINE_multi_string("set", [], "Config override FIELD=VALUE (repeatable).")
+# Shortcuts for the most used config fields; None leaves the experiment's default.
+_FIELDS = {
+    "fold": flags.DEFINE_integer("fold", None, "Cross-validation fold."),
+    "data_dir": flags.DEFINE_string("data_dir", None, "MMWHS data folder (default: phantom)."),
+    "cache_dir": flags.DEFINE_string("cache_dir", None, "Cache folder for phantom/preprocessing."),
+    "num_cases": flags.DEFINE_integer("num_cases", None, "Number of phantom cases."),
+    "seed": flags.DEFINE_integer("seed", None, "Random seed."),
+}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    experiment = experiments.load(_EXPERIMENT.value)
+    config = experiment.get_config()
+    experiments.override(config, [f"{name}={flag.value!r}" for name, flag in _FIELDS.items()
+                                  if flag.value is not None])
+    experiments.override(config, _SET.value)
+    experiment.run(config, _WORKDIR.value)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

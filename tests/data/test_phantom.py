@@ -1,0 +1,123 @@
+"""Synthetic phantom: determinism, labels, header geometry, file layout, anatomy, appearance."""
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from wh_errmap.data.nifti_io import MMWHS_CODES, STRUCTURES, load_case
+from wh_errmap.data.phantom import make_phantom_case, phantom_geometry, write_phantom
+
+# Coarse voxels keep the volumes small; the geometry and appearance code paths are the same.
+COARSE = 2.0
+CLASS = {name: c + 1 for c, name in enumerate(STRUCTURES)}
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("phantom")
+  messages = []
+  paths = write_phantom(data_dir, num_cases=2, seed=7, progress=messages.append, workers=2,
+                        spacing_scale=COARSE)
+  return data_dir, paths, messages
+
+
+@pytest.fixture(scope="module")
+def cases(written):
+  return [load_case(image, label) for image, label in written[1]]
+
+
+def test_deterministic_per_seed_and_index():
+  first = make_phantom_case(3, 1, spacing_scale=COARSE)
+  again = make_phantom_case(3, 1, spacing_scale=COARSE)
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a, b)
+  other = make_phantom_case(3, 2, spacing_scale=COARSE)
+  assert first[0].shape != other[0].shape or not np.array_equal(first[0], other[0])
+  assert not np.array_equal(first[2], other[2])
+
+
+def test_dtypes_and_label_codes():
+  image, label, affine = make_phantom_case(0, 0, spacing_scale=COARSE)
+  assert image.dtype == np.int16 and label.dtype == np.uint16 and affine.dtype == np.float64
+  assert image.shape == label.shape and affine.shape == (4, 4)
+  assert set(np.unique(label)) == {0, *MMWHS_CODES}
+  assert image.min() >= 0 and 500 < np.percentile(image[label > 0], 90) < 3000
+
+
+def test_geometry_matches_the_case():
+  shape, affine = phantom_geometry(5, 3, spacing_scale=COARSE)
+  image, _, case_affine = make_phantom_case(5, 3, spacing_scale=COARSE)
+  assert image.shape == shape
+  np.testing.assert_array_equal(affine, case_affine)
+
+
+def test_orientation_spacing_and_size_vary_like_raw_scans():
+  geometries = [phantom_geometry(0, i) for i in range(8)]
+  assert len({nib.aff2axcodes(affine) for _, affine in geometries}) >= 3
+  for shape, affine in geometries:
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    # Voxel axes 0 and 1 are in-plane, axis 2 is the slice axis.
+    assert spacing[0] == spacing[1] and 0.9 <= spacing[0] <= 1.3
+    assert 1.4 <= spacing[2] <= 2.0
+    assert shape[0] == shape[1] and 200 <= shape[0] <= 320
+    assert 90 <= shape[2] <= 170
+    # A permuted, flipped diagonal: one non-zero per row and column.
+    assert (np.count_nonzero(affine[:3, :3], axis=0) == 1).all()
+    assert (np.count_nonzero(affine[:3, :3], axis=1) == 1).all()
+
+
+def test_writes_the_mmwhs_layout(written):
+  data_dir, paths, messages = written
+  assert [(p.name, q.name) for p, q in paths] == [
+      ("mr_train_1001_image.nii.gz", "mr_train_1001_label.nii.gz"),
+      ("mr_train_1002_image.nii.gz", "mr_train_1002_label.nii.gz")]
+  assert all(p.parent == data_dir and p.is_file() and q.is_file() for p, q in paths)
+  assert len(messages) == 2 and "mr_train_1002" in messages[1]
+
+
+def test_written_files_do_not_depend_on_the_process(written, cases):
+  image, label, affine = make_phantom_case(7, 1, spacing_scale=COARSE)
+  stored = nib.load(str(written[1][1][0]))
+  np.testing.assert_array_equal(np.asarray(stored.dataobj), image)
+  np.testing.assert_allclose(stored.affine, affine, atol=1e-4)
+  assert sorted(np.unique(cases[1].label)) == list(range(8))
+
+
+def _centroid(case, name: str) -> np.ndarray:
+  index = np.argwhere(case.label == CLASS[name]).mean(axis=0)
+  return case.affine[:3, :3] @ index + case.affine[:3, 3]
+
+
+def _top(case, name: str) -> float:
+  return float(case.affine[2, 2] * np.nonzero(case.label == CLASS[name])[2].max()
+               + case.affine[2, 3])
+
+
+def test_anatomy_in_world_coordinates(cases):
+  for case in cases:
+    assert sorted(np.unique(case.label)) == list(range(8))
+    c = {name: _centroid(case, name) for name in STRUCTURES}
+    x, y, z = 0, 1, 2  # RAS+: toward the patient's right, anterior, superior
+    assert c["LV"][x] < c["RA"][x] and c["LV"][x] < c["RV"][x]
+    assert c["RV"][y] > c["LA"][y] and c["LV"][y] > c["LA"][y]
+    assert c["LA"][z] > c["LV"][z] and c["RA"][z] > c["LV"][z]
+    assert c["RA"][x] > c["LA"][x]
+    vessels_top = min(_top(case, "AO"), _top(case, "PA"))
+    assert vessels_top > max(_top(case, name) for name in ("LV", "RV", "Myo"))
+    lv = case.label == CLASS["LV"]
+    assert (ndimage.binary_dilation(lv, iterations=2) & (case.label == CLASS["Myo"])).any()
+    ml = np.prod(case.spacing) / 1000
+    volume = {name: (case.label == CLASS[name]).sum() * ml for name in STRUCTURES}
+    for name, (lo, hi) in {"LV": (70, 200), "Myo": (70, 200), "RV": (70, 230), "LA": (40, 140),
+                           "RA": (40, 140), "AO": (15, 70), "PA": (15, 70)}.items():
+      assert lo < volume[name] < hi, (name, volume[name])
+
+
+def test_blood_bright_myocardium_dark(cases):
+  for case in cases:
+    mean = {name: case.image[case.label == CLASS[name]].mean() for name in STRUCTURES}
+    pools = ("LV", "RV", "LA", "RA", "AO", "PA")
+    assert min(mean[name] for name in pools) > 1.5 * mean["Myo"]
+    assert abs(mean["LV"] - mean["LA"]) / mean["LV"] < 0.15

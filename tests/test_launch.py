@@ -1,0 +1,104 @@
+"""launch.py as a user meets it: bad input is one line on stderr and exit status 2."""
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import blob_label, write_nifti
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch(*args, cache):
+  env = dict(os.environ, WH_ERRMAP_CACHE=str(cache), JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def bad_folder(tmp_path, problem):
+  """A data folder with one valid case and one case broken in the given way."""
+  folder = tmp_path / "data"
+  folder.mkdir()
+  label = blob_label()
+  image = np.full(label.shape, 100, np.float32) + (label > 0)
+  write_nifti(folder / "mr_train_1001_image.nii.gz", image)
+  write_nifti(folder / "mr_train_1001_label.nii.gz", label)
+  bad_image, bad_label = folder / "mr_train_1002_image.nii.gz", folder / "mr_train_1002_label.nii.gz"
+  write_nifti(bad_image, image)
+  write_nifti(bad_label, label)
+  if problem == "truncated":
+    bad_image.write_bytes(bad_image.read_bytes()[:200])
+    return bad_image
+  if problem == "not_nifti":
+    with gzip.open(bad_image, "wb") as f:
+      f.write(b"plain text, not an image " * 40)
+    return bad_image
+  if problem == "not_3d":
+    write_nifti(bad_image, image[:, :, :1])
+    return bad_image
+  if problem == "shape":
+    write_nifti(bad_label, label[:, :, :-1])
+    return bad_label
+  if problem == "affine":
+    write_nifti(bad_label, label, np.diag([2.0, 1, 1, 1]))
+    return bad_label
+  if problem == "label_values":
+    bad = label.copy()
+    bad[0, 0, 0] = 7000
+    write_nifti(bad_label, bad)
+    return bad_label
+  if problem == "nan":
+    bad = image.copy()
+    bad[1, 1, 1] = np.nan
+    write_nifti(bad_image, bad)
+    return bad_image
+  if problem == "no_foreground":
+    write_nifti(bad_label, np.zeros_like(label))
+    return bad_label
+  if problem == "missing_label":
+    bad_label.unlink()
+    return bad_image
+  raise ValueError(problem)
+
+
+@pytest.mark.parametrize("problem", ["truncated", "not_nifti", "not_3d", "shape", "affine",
+                                     "label_values", "nan", "no_foreground", "missing_label"])
+def test_bad_input_is_one_line_and_status_2(tmp_path, problem):
+  culprit = bad_folder(tmp_path, problem)
+  result = launch("--experiment=prepare_data", f"--data_dir={tmp_path / 'data'}",
+                  "--set=splits.num_folds=2", cache=tmp_path / "cache")
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+  assert culprit.name in lines[0]
+  assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_unknown_experiment_and_bad_override(tmp_path):
+  result = launch("--experiment=nope", cache=tmp_path)
+  assert result.returncode == 2 and "prepare_data" in result.stderr
+  result = launch("--experiment=prepare_data", "--set=input.no_such_field=3", cache=tmp_path)
+  assert result.returncode == 2 and "no_such_field" in result.stderr
+  result = launch("--experiment=make_phantom", cache=tmp_path)
+  assert result.returncode == 2 and "--data_dir" in result.stderr
+
+
+def test_make_phantom_then_prepare_data(tmp_path):
+  data = tmp_path / "phantom"
+  result = launch("--experiment=make_phantom", f"--data_dir={data}", "--num_cases=2", "--seed=0",
+                  cache=tmp_path / "cache")
+  assert result.returncode == 0, result.stderr
+  assert sorted(p.name for p in data.iterdir()) == [
+      "mr_train_1001_image.nii.gz", "mr_train_1001_label.nii.gz",
+      "mr_train_1002_image.nii.gz", "mr_train_1002_label.nii.gz"]
+  result = launch("--experiment=prepare_data", f"--data_dir={data}", "--set=splits.num_folds=2",
+                  cache=tmp_path / "cache")
+  assert result.returncode == 0, result.stderr
+  assert "mr_train_1002" in result.stdout and "120x120x90" in result.stdout
+  assert len(list((tmp_path / "cache").rglob("splits.json"))) == 1
