@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.num_voxres = 2       # VoxRes modules per stage (paper)
   c.model.norm = "batch"       # "batch", "group" or "instance"
   c.model.upsample = "linear"  # side outputs: "linear" (cheap, exact) or "transpose" (learned)
+  c.model.conv_impl = "auto"   # stride-1 convs: "xla", "matmul" (fast on CPU), "auto" picks
   c.model.dtype = "float32"    # compute dtype; "bfloat16" for mixed precision on GPU/TPU
 
   c.optim = ml_collections.ConfigDict()

@@ -181,3 +181,19 @@ def test_upsample_linear_puts_low_res_voxel_i_at_factor_times_i():
   np.testing.assert_allclose(up[0, :, 0, 0], [0, .25, .5, .75, 1, 1.25, 1.5, 1.75, 2, 2, 2, 2])
   np.testing.assert_allclose(up[0, :, :, 0], np.repeat(up[0, :, :1, 0], 8, axis=1))
   np.testing.assert_allclose(upsample_linear(jnp.full((1, 2, 3, 2, 1), 7.0), 8), 7.0)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 6, 5, 4, 3), (3, 7, 6, 2), (1, 8, 8, 6, 2)])
+def test_matmul_convolution_equals_xla_with_gradients(shape, stride):
+  from wh_errmap.models.voxresnet import Conv3
+  x = jax.random.normal(jax.random.key(0), shape)
+  layers = {impl: Conv3(5, spatial_dims=len(shape) - 2, stride=stride, impl=impl)
+            for impl in ("xla", "matmul")}
+  params = layers["xla"].init(jax.random.key(1), x)
+  outputs = {impl: layer.apply(params, x) for impl, layer in layers.items()}
+  np.testing.assert_allclose(outputs["matmul"], outputs["xla"], rtol=1e-5, atol=1e-5)
+  grads = {impl: jax.grad(lambda p, x: (layer.apply(p, x) ** 2).sum(), argnums=(0, 1))(params, x)
+           for impl, layer in layers.items()}
+  for a, b in zip(jax.tree.leaves(grads["matmul"]), jax.tree.leaves(grads["xla"])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
