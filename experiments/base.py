@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"    # compute dtype; "bfloat16" for mixed precision on GPU/TPU
 
   c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adam"             # "adam" (paper) or "sgd"
   c.optim.learning_rate = 1e-3      # Adam peak learning rate
   c.optim.warmup_steps = 100        # linear warm-up from 0
   c.optim.schedule = "cosine"       # "cosine" decay to final_lr_fraction, or "constant"

@@ -1,0 +1,51 @@
+"""Whole-volume inference of the segmentors (3D directly, 2D slice by slice along Z).
+
+Preprocessed volumes are about 120 x 120 x 90 voxels, small enough for one forward pass;
+the 2D model sees the axial slices as one batch (in chunks to bound memory).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wh_errmap.models.voxresnet import VoxResNet
+
+
+def _forward(model: VoxResNet, variables: Any, image: jax.Array) -> dict[str, jax.Array]:
+  return model.apply(variables, image, train=False)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "slice_chunk"))
+def segment_logits(model: VoxResNet, variables: Any, image: jax.Array,
+                   slice_chunk: int = 32) -> dict[str, jax.Array]:
+  """Logits of every output for one volume.
+
+  Args:
+    model: a VoxResNet with spatial_dims 3 (whole volume) or 2 (axial slices).
+    variables: {"params": ..., "batch_stats": ...}.
+    image: (X, Y, Z, C) float32 preprocessed volume (C = 1 for the segmentors).
+  Returns:
+    {"final", "side2".."side5"} -> (X, Y, Z, num_classes) float32 logits.
+  """
+  if model.spatial_dims == 3:
+    outputs = _forward(model, variables, image[None])
+    return {name: logits[0] for name, logits in outputs.items()}
+  slices = jnp.moveaxis(image, 2, 0)                      # (Z, X, Y, C)
+  num = slices.shape[0]
+  pad = -num % slice_chunk
+  chunks = jnp.pad(slices, [(0, pad), (0, 0), (0, 0), (0, 0)]).reshape(
+      -1, slice_chunk, *slices.shape[1:])
+  outputs = jax.lax.map(lambda chunk: _forward(model, variables, chunk), chunks)
+  return {name: jnp.moveaxis(logits.reshape(-1, *logits.shape[2:])[:num], 0, 2)
+          for name, logits in outputs.items()}
+
+
+def segment_volume(model: VoxResNet, variables: Any, image: np.ndarray) -> dict[str, np.ndarray]:
+  """Label maps {"final", "side2".."side5"} -> (X, Y, Z) uint8 for a (X, Y, Z, 1) volume."""
+  logits = segment_logits(model, variables, jnp.asarray(image))
+  return {name: np.asarray(jnp.argmax(value, axis=-1).astype(jnp.uint8))
+          for name, value in logits.items()}

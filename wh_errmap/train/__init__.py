@@ -1,0 +1,1 @@
+"""Training: mesh and shardings, train state, step functions, the resumable loop."""

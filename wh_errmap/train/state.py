@@ -1,0 +1,70 @@
+"""Train state, optimizer and model construction from config."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from wh_errmap.models.voxresnet import VoxResNet
+from wh_errmap.train.sharding import replicated
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything that changes during training; a pytree, so it checkpoints and shards."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+  def apply_gradients(self, grads: Any, batch_stats: Any) -> "TrainState":
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                        batch_stats=batch_stats, opt_state=opt_state)
+
+
+def make_model(model: ml_collections.ConfigDict, spatial_dims: int,
+               num_classes: int) -> VoxResNet:
+  """A VoxResNet from a `model` config block (see experiments/base.py)."""
+  return VoxResNet(spatial_dims=spatial_dims, num_classes=num_classes, width1=model.width1,
+                   width2=model.width2, num_voxres=model.num_voxres, norm=model.norm,
+                   upsample=model.upsample, conv_impl=model.conv_impl,
+                   dtype=jnp.dtype(model.dtype))
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+  """Adam (or plain SGD) with linear warm-up, then cosine decay or a constant rate."""
+  warmup = min(optim.warmup_steps, max(num_steps - 1, 0))
+  if optim.schedule == "cosine":
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, optim.learning_rate, max(warmup, 1), max(num_steps, warmup + 1),
+        end_value=optim.learning_rate * optim.final_lr_fraction)
+  elif optim.schedule == "constant":
+    schedule = optax.linear_schedule(0.0, optim.learning_rate, max(warmup, 1))
+  else:
+    raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {optim.schedule!r}")
+  if optim.name == "adam":
+    return optax.adamw(schedule, weight_decay=optim.weight_decay)
+  if optim.name == "sgd":
+    return optax.chain(optax.add_decayed_weights(optim.weight_decay), optax.sgd(schedule))
+  raise ValueError(f"optim.name must be 'adam' or 'sgd', got {optim.name!r}")
+
+
+def create_state(model: VoxResNet, tx: optax.GradientTransformation, input_shape: tuple,
+                 rng: jax.Array, mesh: jax.sharding.Mesh) -> TrainState:
+  """Initialises the state directly on the devices, replicated over the mesh.
+
+  input_shape: (N, *spatial, C) of one batch; only its spatial rank and channels matter.
+  """
+  def init() -> TrainState:
+    variables = model.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                      tx=tx)
+
+  return jax.jit(init, out_shardings=replicated(mesh))()

@@ -1,0 +1,44 @@
+"""Pure training steps `(state, batch, rng) -> (state, metrics)`.
+
+They are plain functions of arrays: the loop compiles them once with the mesh's shardings
+(batch split over 'data', state replicated) and donates the state.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+from wh_errmap.losses import segmentation_loss
+from wh_errmap.models.voxresnet import VoxResNet
+from wh_errmap.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+StepFn = Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
+
+
+def apply_train(model: VoxResNet, state: TrainState, params: Any,
+                inputs: jax.Array) -> tuple[dict[str, jax.Array], Any]:
+  """Training-mode forward pass; returns (outputs, new batch_stats)."""
+  outputs, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, inputs,
+                                 train=True, mutable=["batch_stats"])
+  return outputs, updates["batch_stats"]
+
+
+def make_segmentor_step(model: VoxResNet, loss: ml_collections.ConfigDict) -> StepFn:
+  """Step of a segmentor on {"image": (N, *S, 1) float32, "label": (N, *S) int32}."""
+
+  def train_step(state: TrainState, batch: Batch, rng: jax.Array):
+    del rng  # no stochastic layers; the signature is shared with the predictor step
+
+    def loss_fn(params):
+      outputs, batch_stats = apply_train(model, state, params, batch["image"])
+      total, aux = segmentation_loss(outputs, batch["label"], model.num_classes,
+                                     loss.side_weights, loss.dice_weight)
+      return total, (aux, batch_stats)
+
+    (_, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return state.apply_gradients(grads, batch_stats), aux
+
+  return train_step
