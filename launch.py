@@ -5,7 +5,7 @@ config field of the same name; `--set` reaches any field, e.g. `--set=input.batc
 """
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 import experiments
 from wh_errmap.errors import UserError
@@ -27,6 +27,7 @@ _FIELDS = {
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   try:
     experiment = experiments.load(_EXPERIMENT.value)
     config = experiment.get_config()

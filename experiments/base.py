@@ -50,9 +50,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.side_weights = (1.0, 1.0, 1.0, 1.0)  # deep supervision, side outputs 2..5
   c.loss.dice_weight = 1.0                    # CE + dice_weight * soft Dice per output
 
+  c.predictor = ml_collections.ConfigDict()
+  c.predictor.gt_probability = 0.1   # share of training samples that use the GT mask itself
+  c.predictor.threshold = 0.5        # error probability above which a voxel counts as wrong
+
   c.train = ml_collections.ConfigDict()
   c.train.seg3d = ml_collections.ConfigDict({"steps": 20000, "batch_size": 2})  # 3D crops
   c.train.seg2d = ml_collections.ConfigDict({"steps": 20000, "batch_size": 16})  # 2D slices
+  c.train.predictor = ml_collections.ConfigDict({"steps": 20000, "batch_size": 2})  # 3D crops
   c.train.log_every = 50           # console + metrics.jsonl every N steps
   c.train.checkpoint_every = 1000  # orbax checkpoint every N steps (and at the end)
   c.train.keep_checkpoints = 3     # newest checkpoints kept per model

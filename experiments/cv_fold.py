@@ -1,28 +1,48 @@
 """One fold of the paper's 5-fold cross-validation, stage by stage.
 
-Stages (`--set=stage=NAME`, default "all" runs them in order and skips finished ones):
+Stages (`--set=stage=NAME`; the default "all" runs them in order, and a stage whose final
+checkpoint or records exist is not redone):
   segmentors  train the 3D and the 2D VoxResNet segmentors on the fold's training cases,
               then score every output on the test cases (fold{k}/segmentors.json)
+  predictor   train the error-map predictor on masks generated on the fly by the frozen
+              segmentors (needs the segmentors)
+  evaluate    the 10 auto masks + GT of every test case through the predictor: records
+              (fold{k}/records.csv|json) and NIfTI error maps (fold{k}/predictions/)
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 
 from experiments import base
 from wh_errmap.data.dataset import dataset_from_config
 from wh_errmap.errors import UserError
-from wh_errmap.evaluation import score_segmentors
-from wh_errmap.train.stages import SEGMENTORS, train_segmentor
+from wh_errmap.evaluation import evaluate_fold, read_records, score_segmentors
+from wh_errmap.metrics import correlation_stats
+from wh_errmap.progress import console
+from wh_errmap.train.stages import SEGMENTORS, train_predictor, train_segmentor
 
-STAGES = ("segmentors",)
+STAGES = ("segmentors", "predictor", "evaluate")
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = base.get_config()
-  c.stage = "all"   # one of STAGES, or "all"
+  c.stage = "all"     # one of STAGES, or "all"
+  c.nifti = "all"     # NIfTI outputs of the evaluation: "all" masks, "final" (3d/2d/gt), "none"
   return c
+
+
+def qi_summary(records: list[dict]) -> str:
+  """PCC and MAE of QI against the true accuracy (and PCC against Dice) over `records`."""
+  qi = np.array([r["qi"] for r in records])
+  acc = correlation_stats(qi, np.array([r["true_acc"] for r in records]))
+  dsc = correlation_stats(qi, np.array([r["seg_dsc"] for r in records]))
+  auto = [r for r in records if r["mask_type"] != "gt"]
+  return (f"{len(records)} masks: PCC(QI, Acc) = {acc['pcc']:.3f} (p = {acc['p_value']:.1e}), "
+          f"PCC(QI, DSC) = {dsc['pcc']:.3f}, MAE(QI, Acc) = {acc['mae']:.4f}; error-map DSC "
+          f"over auto masks {np.mean([r['err_dsc'] for r in auto]):.3f}")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -32,9 +52,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   dataset = dataset_from_config(config)
   train_cases, test_cases = dataset.fold(config.fold)
   fold_dir = Path(workdir) / f"fold{config.fold}"
-  print(f"fold {config.fold}: {len(train_cases)} training and {len(test_cases)} test cases; "
-        f"outputs in {fold_dir}", flush=True)
+  console(f"fold {config.fold}: {len(train_cases)} training and {len(test_cases)} test cases; "
+          f"outputs in {fold_dir}")
+  # Training a finished model only restores it, so later stages can always ask for it.
+  segmentors = {name: train_segmentor(config, name, train_cases, fold_dir)
+                for name in SEGMENTORS}
   if "segmentors" in stages:
-    segmentors = {name: train_segmentor(config, name, train_cases, fold_dir)
-                  for name in SEGMENTORS}
-    print(score_segmentors(segmentors, test_cases, fold_dir / "segmentors.json"), flush=True)
+    console(score_segmentors(segmentors, test_cases, fold_dir / "segmentors.json"))
+  if "predictor" not in stages and "evaluate" not in stages:
+    return
+  predictor = train_predictor(config, segmentors, train_cases, fold_dir)
+  if "evaluate" in stages:
+    if (fold_dir / "records.json").exists() and config.stage == "all":
+      console(f"[evaluate] records exist in {fold_dir}: not redone")
+      records = read_records(fold_dir)
+    else:
+      records = evaluate_fold(segmentors, predictor, test_cases, config.fold, fold_dir,
+                              config.predictor.threshold, config.nifti)
+    console(f"fold {config.fold}: " + qi_summary(records))

@@ -1,4 +1,5 @@
-"""Whole-volume inference of the segmentors (3D directly, 2D slice by slice along Z).
+"""Whole-volume inference: the segmentors (3D directly, 2D slice by slice along Z) and the
+error-map predictor.
 
 Preprocessed volumes are about 120 x 120 x 90 voxels, small enough for one forward pass;
 the 2D model sees the axial slices as one batch (in chunks to bound memory).
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wh_errmap.masks import predictor_input
 from wh_errmap.models.voxresnet import VoxResNet
 
 
@@ -49,3 +51,17 @@ def segment_volume(model: VoxResNet, variables: Any, image: np.ndarray) -> dict[
   logits = segment_logits(model, variables, jnp.asarray(image))
   return {name: np.asarray(jnp.argmax(value, axis=-1).astype(jnp.uint8))
           for name, value in logits.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_classes"))
+def error_probability(model: VoxResNet, variables: Any, image: jax.Array, mask: jax.Array,
+                      num_classes: int) -> jax.Array:
+  """The predictor's error map of one mask.
+
+  Args:
+    image: (X, Y, Z, 1) float32 preprocessed volume; mask: (X, Y, Z) int classes.
+  Returns:
+    (X, Y, Z) float32 probability that each voxel of `mask` is wrong.
+  """
+  inputs = predictor_input(image[None], mask[None], num_classes)
+  return jax.nn.sigmoid(model.apply(variables, inputs, train=False)["final"][0, ..., 0])

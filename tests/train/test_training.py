@@ -17,16 +17,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_eight_devices_match_one_device():
+  """Segmentor and predictor steps: 8 simulated devices give the 1-device result."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-m", "tests.train.sharded_training"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.strip().splitlines()[-1])
-  np.testing.assert_allclose(out["losses_8"], out["losses_1"], rtol=1e-5)
-  # An extra pmean or a missing one would scale the update by 8: far above this tolerance.
-  assert out["param_diff"] < 1e-4, out
-  assert out["stats_diff"] < 1e-4, out
+  for name in ("segmentor", "predictor"):
+    np.testing.assert_allclose(out[name]["losses_8"], out[name]["losses_1"], rtol=1e-5)
+    # An extra pmean or a missing one would scale the update by 8: far above this tolerance.
+    assert out[name]["param_diff"] < 1e-4, (name, out[name])
+    assert out[name]["stats_diff"] < 1e-4, (name, out[name])
 
 
 def test_resume_gives_the_same_parameters(tmp_path):

@@ -11,7 +11,7 @@ from experiments import base
 from wh_errmap.data.pipeline import train_dataset
 from wh_errmap.train import loop
 from wh_errmap.train.state import create_state, make_model, make_optimizer
-from wh_errmap.train.steps import make_segmentor_step
+from wh_errmap.train.steps import make_predictor_step, make_segmentor_step
 
 
 def tiny_config() -> ml_collections.ConfigDict:
@@ -50,3 +50,37 @@ def train_tiny(workdir, mesh, num_steps: int, batch_size: int = 8, crop=(16, 16,
   return loop.train("seg", workdir, state=state, step_fn=make_segmentor_step(model, config.loss),
                     dataset=dataset, mesh=mesh, num_steps=num_steps, seed=seed, log_every=1,
                     checkpoint_every=checkpoint_every, stop_at=stop_at, progress=lambda _: None)
+
+
+def tiny_segmentors(seed: int = 0) -> dict:
+  """Randomly initialised tiny 3D and 2D segmentors: {"seg3d": (model, variables), ...}."""
+  config = tiny_config()
+  out = {}
+  for name, dims in (("seg3d", 3), ("seg2d", 2)):
+    model = make_model(config.model, dims, 8)
+    shape = (1, 16, 16, 12, 1) if dims == 3 else (1, 16, 16, 1)
+    variables = jax.jit(lambda rng, model=model, shape=shape: model.init(
+        rng, jax.numpy.zeros(shape), train=False))(jax.random.key(seed + dims))
+    out[name] = (model, variables)
+  return out
+
+
+def train_tiny_predictor(workdir, mesh, num_steps: int, segmentors: dict, batch_size: int = 8,
+                         optimizer: str = "adam"):
+  """Trains a tiny predictor with the real loop and on-the-fly masks; returns the state."""
+  config = tiny_config()
+  config.optim.name = optimizer
+  if optimizer == "sgd":
+    config.optim.learning_rate = 0.1
+  crop = (16, 16, 12)
+  model = make_model(config.model, 3, 1)
+  state = create_state(model, make_optimizer(config.optim, num_steps), (batch_size, *crop, 9),
+                       jax.random.key(1), mesh)
+  dataset = train_dataset(tiny_cases(), crop_size=crop, batch_size=batch_size, seed=0,
+                          shard_index=0, shard_count=1)
+  step = make_predictor_step(model, segmentors["seg3d"][0], segmentors["seg2d"][0], config.loss,
+                             gt_probability=0.2, num_classes=8)
+  frozen = {name: variables for name, (_, variables) in segmentors.items()}
+  return loop.train("predictor", workdir, state=state, step_fn=step, dataset=dataset, mesh=mesh,
+                    num_steps=num_steps, seed=0, log_every=1, checkpoint_every=100,
+                    frozen=frozen, progress=lambda _: None)

@@ -20,6 +20,7 @@ from wh_errmap.data.mmwhs import find_cases
 from wh_errmap.data.nifti_io import InvalidCaseError
 from wh_errmap.data.preprocess import PreprocessConfig, PreprocessedCase, preprocess_cached
 from wh_errmap.data.splits import fold_cases, load_or_create_splits
+from wh_errmap.progress import console
 
 Progress = Callable[[str], None]
 PHANTOM_VERSION = 1  # bump when the generator changes, so old caches are not reused
@@ -30,7 +31,7 @@ def default_cache_dir() -> Path:
 
 
 def phantom_dir(cache_dir: str | os.PathLike, num_cases: int, seed: int,
-                progress: Progress = print) -> Path:
+                progress: Progress = console) -> Path:
   """The phantom data folder in the cache, generated on first use."""
   from wh_errmap.data.phantom import write_phantom  # only needed when no data_dir is given
   path = Path(cache_dir) / f"phantom-v{PHANTOM_VERSION}-n{num_cases}-s{seed}"
@@ -66,7 +67,7 @@ def prepare_dataset(data_dir: str | os.PathLike, cache_dir: str | os.PathLike,
                     modality: str = "mr",
                     preprocess: PreprocessConfig = PreprocessConfig(),
                     num_folds: int = 5, split_seed: int = 0,
-                    progress: Progress = print) -> Dataset:
+                    progress: Progress = console) -> Dataset:
   """Finds the labelled cases, preprocesses them (or reads the cache) and loads the split."""
   found = find_cases(data_dir, modality=modality)
   for case_paths in found:
@@ -91,7 +92,7 @@ def prepare_dataset(data_dir: str | os.PathLike, cache_dir: str | os.PathLike,
   return Dataset(Path(data_dir), own_cache, cases, folds)
 
 
-def dataset_from_config(config, progress: Progress = print) -> Dataset:
+def dataset_from_config(config, progress: Progress = console) -> Dataset:
   """`prepare_dataset` driven by an experiment config (see experiments/base.py)."""
   cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
   data_dir = config.data_dir or phantom_dir(cache_dir, config.num_cases, config.seed, progress)

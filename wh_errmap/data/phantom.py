@@ -36,6 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from wh_errmap.data.nifti_io import MMWHS_CODES, save_nifti
+from wh_errmap.progress import console
 
 MYO, LA, LV, RA, RV, AO, PA = MMWHS_CODES
 # Later entries overwrite earlier ones where shapes overlap: the LV cavity sits inside the
@@ -563,7 +564,7 @@ def _write_case(data_dir: Path, seed: int, index: int,
 
 
 def write_phantom(data_dir: str | os.PathLike, num_cases: int = 20, seed: int = 0,
-                  progress: Callable[[str], None] | None = print, *, workers: int = 2,
+                  progress: Callable[[str], None] | None = console, *, workers: int = 2,
                   spacing_scale: float = 1.0) -> list[tuple[Path, Path]]:
   """Writes `num_cases` phantom cases as mr_train_{1001+i}_{image,label}.nii.gz.
 

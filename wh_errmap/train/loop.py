@@ -22,6 +22,7 @@ from wh_errmap.errors import UserError
 from wh_errmap.train.sharding import data_sharded, global_batch, replicated
 from wh_errmap.train.state import TrainState
 from wh_errmap.train.steps import StepFn
+from wh_errmap.progress import console
 
 Progress = Callable[[str], None]
 
@@ -72,11 +73,14 @@ def _format_eta(seconds: float) -> str:
 def train(name: str, workdir: str | Path, *, state: TrainState, step_fn: StepFn,
           dataset: Any, mesh: jax.sharding.Mesh, num_steps: int, seed: int,
           log_every: int = 50, checkpoint_every: int = 500, keep_checkpoints: int = 3,
-          stop_at: int | None = None, progress: Progress = print) -> TrainState:
+          stop_at: int | None = None, frozen: Any = None,
+          progress: Progress = console) -> TrainState:
   """Trains `state` to `num_steps`, resuming from `workdir/name/checkpoints` if present.
 
   dataset: a grain IterDataset of this process's batches (NumPy pytrees).
   step_fn: `(state, batch, rng) -> (state, metrics)`; metrics must hold "loss".
+  frozen: a pytree passed to every step after rng and never updated (the predictor's
+    frozen segmentors), replicated over the mesh; None for steps without it.
   stop_at: end this run after that step (with a checkpoint) although the schedule runs to
     num_steps; a later run resumes there.
   """
@@ -97,20 +101,24 @@ def train(name: str, workdir: str | Path, *, state: TrainState, step_fn: StepFn,
 
   base_rng = jax.random.key(seed)
 
-  def step_with_rng(state, batch, base_rng):
+  def step_with_rng(state, batch, base_rng, frozen):
     # The step's randomness depends only on (seed, step), so a resumed run matches.
-    return step_fn(state, batch, jax.random.fold_in(base_rng, state.step))
+    rng = jax.random.fold_in(base_rng, state.step)
+    return step_fn(state, batch, rng) if frozen is None else step_fn(state, batch, rng, frozen)
 
   compiled = jax.jit(step_with_rng, donate_argnums=0,
-                     in_shardings=(replicated(mesh), data_sharded(mesh), replicated(mesh)),
+                     in_shardings=(replicated(mesh), data_sharded(mesh), replicated(mesh),
+                                   replicated(mesh)),
                      out_shardings=(replicated(mesh), replicated(mesh)))
+  if frozen is not None:
+    frozen = jax.device_put(frozen, replicated(mesh))
   manager = _checkpoint_manager(model_dir / "checkpoints", keep_checkpoints)
   last = num_steps if stop_at is None else min(stop_at, num_steps)
   progress(f"[{name}] training steps {start + 1}..{last} of {num_steps} on {mesh.size} device(s)")
   t_last, step_last, t_start = time.perf_counter(), start, time.perf_counter()
   try:
     for step in range(start + 1, last + 1):
-      state, metrics = compiled(state, global_batch(mesh, next(iterator)), base_rng)
+      state, metrics = compiled(state, global_batch(mesh, next(iterator)), base_rng, frozen)
       if step % log_every == 0 or step == last or step == start + 1:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not np.isfinite(metrics["loss"]):

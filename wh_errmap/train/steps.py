@@ -8,9 +8,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
-from wh_errmap.losses import segmentation_loss
+from wh_errmap.losses import error_map_loss, segmentation_loss
+from wh_errmap.masks import auto_masks, pick_masks, predictor_input
 from wh_errmap.models.voxresnet import VoxResNet
 from wh_errmap.train.state import TrainState
 
@@ -39,6 +41,37 @@ def make_segmentor_step(model: VoxResNet, loss: ml_collections.ConfigDict) -> St
       return total, (aux, batch_stats)
 
     (_, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return state.apply_gradients(grads, batch_stats), aux
+
+  return train_step
+
+
+def make_predictor_step(model: VoxResNet, seg3d: VoxResNet, seg2d: VoxResNet,
+                        loss: ml_collections.ConfigDict, gt_probability: float,
+                        num_classes: int) -> Callable:
+  """Step of the error-map predictor: `(state, batch, rng, frozen) -> (state, metrics)`.
+
+  frozen: {"seg3d": variables, "seg2d": variables} of the trained segmentors. They are
+  arguments, not constants, and get no gradient: inside the step they generate the 10 auto
+  masks of each crop, one mask per sample is picked (or the ground truth), and the
+  predictor learns its error map `mask != label`.
+  """
+
+  def train_step(state: TrainState, batch: Batch, rng: jax.Array, frozen: dict[str, Any]):
+    frozen = jax.lax.stop_gradient(frozen)
+    masks = auto_masks((seg3d, frozen["seg3d"]), (seg2d, frozen["seg2d"]), batch["image"])
+    mask, choice = pick_masks(masks, batch["label"], rng, gt_probability)
+    inputs = predictor_input(batch["image"], mask, num_classes)
+    error = (mask != batch["label"]).astype(jnp.float32)
+
+    def loss_fn(params):
+      outputs, batch_stats = apply_train(model, state, params, inputs)
+      total, aux = error_map_loss(outputs, error, loss.side_weights, loss.dice_weight)
+      return total, (aux, batch_stats)
+
+    (_, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    aux = {**aux, "true_error_rate": error.mean(),
+           "gt_fraction": (choice == masks.shape[0]).mean()}
     return state.apply_gradients(grads, batch_stats), aux
 
   return train_step

@@ -1,0 +1,75 @@
+"""Masks generated on the device by the frozen segmentors, for the predictor's training step.
+
+The paper collects each segmentor's fused and side outputs as training masks for the
+error-map predictor. Here they are produced inside the predictor's jitted step from the
+segmentors' parameters (step arguments, never updated), so no mask is written to disk or
+crosses to the host, and every augmented crop gets fresh masks.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from wh_errmap.models.voxresnet import OUTPUT_NAMES, VoxResNet
+
+# Mask types in the order of `auto_masks`; "gt" is the ground truth itself.
+AUTO_MASK_TYPES = tuple(f"{dims}-{output}" for dims in ("3d", "2d") for output in OUTPUT_NAMES)
+MASK_TYPES = AUTO_MASK_TYPES + ("gt",)
+
+
+def slicewise(model: VoxResNet, variables: Any, volume: jax.Array) -> dict[str, jax.Array]:
+  """Applies a 2D model to every axial (last spatial axis) slice of (N, X, Y, Z, C) volumes.
+
+  Returns {output: (N, X, Y, Z, K)} logits.
+  """
+  n, x, y, z, c = volume.shape
+  slices = jnp.moveaxis(volume, 3, 1).reshape(n * z, x, y, c)
+  outputs = model.apply(variables, slices, train=False)
+  return {name: jnp.moveaxis(logits.reshape(n, z, x, y, -1), 1, 3)
+          for name, logits in outputs.items()}
+
+
+def auto_masks(seg3d: tuple[VoxResNet, Any], seg2d: tuple[VoxResNet, Any],
+               image: jax.Array) -> jax.Array:
+  """The 10 auto masks of every volume in a batch.
+
+  Args:
+    seg3d, seg2d: (model, variables) of the frozen segmentors.
+    image: (N, X, Y, Z, 1) float32.
+  Returns:
+    (10, N, X, Y, Z) int32 class maps in the order of AUTO_MASK_TYPES.
+  """
+  model3d, variables3d = seg3d
+  model2d, variables2d = seg2d
+  outputs3d = model3d.apply(variables3d, image, train=False)
+  outputs2d = slicewise(model2d, variables2d, image)
+  return jnp.stack([jnp.argmax(outputs[name], axis=-1).astype(jnp.int32)
+                    for outputs in (outputs3d, outputs2d) for name in OUTPUT_NAMES])
+
+
+def pick_masks(masks: jax.Array, label: jax.Array, rng: jax.Array,
+               gt_probability: float) -> tuple[jax.Array, jax.Array]:
+  """Chooses one training mask per sample.
+
+  Args:
+    masks: (M, N, *S) auto masks; label: (N, *S) ground truth.
+    gt_probability: chance of training on the ground truth itself; otherwise one of the M
+      auto masks, uniformly.
+  Returns:
+    ((N, *S) int32 chosen masks, (N,) int32 index into MASK_TYPES, M meaning "gt").
+  """
+  num_auto, n = masks.shape[:2]
+  auto_rng, gt_rng = jax.random.split(rng)
+  choice = jax.random.randint(auto_rng, (n,), 0, num_auto)
+  choice = jnp.where(jax.random.uniform(gt_rng, (n,)) < gt_probability, num_auto, choice)
+  candidates = jnp.concatenate([masks, label[None].astype(masks.dtype)])
+  chosen = jnp.take_along_axis(candidates, choice.reshape(1, n, *([1] * (masks.ndim - 2))),
+                               axis=0)[0]
+  return chosen, choice
+
+
+def predictor_input(image: jax.Array, mask: jax.Array, num_classes: int) -> jax.Array:
+  """(N, *S, 1) image and (N, *S) mask -> (N, *S, 1 + num_classes) predictor input."""
+  return jnp.concatenate([image, jax.nn.one_hot(mask, num_classes, dtype=image.dtype)], -1)
