@@ -21,6 +21,8 @@ _FIELDS = {
     "cache_dir": flags.DEFINE_string("cache_dir", None, "Cache folder for phantom/preprocessing."),
     "num_cases": flags.DEFINE_integer("num_cases", None, "Number of phantom cases."),
     "seed": flags.DEFINE_integer("seed", None, "Random seed."),
+    "image": flags.DEFINE_string("image", None, "predict: image file or folder."),
+    "mask": flags.DEFINE_string("mask", None, "predict: mask file or folder."),
 }
 
 

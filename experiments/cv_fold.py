@@ -21,6 +21,7 @@ from wh_errmap.data.dataset import dataset_from_config
 from wh_errmap.errors import UserError
 from wh_errmap.evaluation import evaluate_fold, read_records, score_segmentors
 from wh_errmap.metrics import correlation_stats
+from wh_errmap.predict import record_config
 from wh_errmap.progress import console
 from wh_errmap.train.stages import SEGMENTORS, train_predictor, train_segmentor
 
@@ -49,6 +50,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if config.stage != "all" and config.stage not in STAGES:
     raise UserError(f"unknown stage {config.stage!r}; choose 'all' or one of {', '.join(STAGES)}")
   stages = STAGES if config.stage == "all" else (config.stage,)
+  record_config(workdir, config)
   dataset = dataset_from_config(config)
   train_cases, test_cases = dataset.fold(config.fold)
   fold_dir = Path(workdir) / f"fold{config.fold}"

@@ -3,6 +3,7 @@
 Per fold, in the fold's workdir:
     segmentors.json              Dice of every segmentor output on the test cases
     records.csv, records.json    one record per (test case, mask): 10 auto masks + GT
+    test_cases.json              the original image and label file of every test case
     predictions/<case>/          NIfTI in the original image space: <mask>_mask (MMWHS
                                  codes), <mask>_error_prob (float), <mask>_error (0/1)
 """
@@ -161,4 +162,7 @@ def evaluate_fold(segmentors: Mapping[str, Model], predictor: Model,
              f"{scores['3d-final']['seg_dsc']:.3f}, QI {scores['3d-final']['qi']:.4f} vs "
              f"accuracy {scores['3d-final']['true_acc']:.4f}")
   write_records(directory, records)
+  write_json(directory / "test_cases.json", {
+      case.case_id: {"image_path": case.properties["image_path"],
+                     "label_path": case.properties["label_path"]} for case in test_cases})
   return records

@@ -92,14 +92,17 @@ def prepare_dataset(data_dir: str | os.PathLike, cache_dir: str | os.PathLike,
   return Dataset(Path(data_dir), own_cache, cases, folds)
 
 
+def preprocess_config(config) -> PreprocessConfig:
+  """The PreprocessConfig of an experiment config's `preprocess` block."""
+  block = config.preprocess
+  return PreprocessConfig(spacing=tuple(block.spacing),
+                          clip_percentiles=tuple(block.clip_percentiles),
+                          margin_mm=block.margin_mm, crop_size=tuple(block.crop_size))
+
+
 def dataset_from_config(config, progress: Progress = console) -> Dataset:
   """`prepare_dataset` driven by an experiment config (see experiments/base.py)."""
   cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
   data_dir = config.data_dir or phantom_dir(cache_dir, config.num_cases, config.seed, progress)
-  preprocess = PreprocessConfig(
-      spacing=tuple(config.preprocess.spacing),
-      clip_percentiles=tuple(config.preprocess.clip_percentiles),
-      margin_mm=config.preprocess.margin_mm,
-      crop_size=tuple(config.preprocess.crop_size))
-  return prepare_dataset(data_dir, cache_dir, config.modality, preprocess,
+  return prepare_dataset(data_dir, cache_dir, config.modality, preprocess_config(config),
                          config.splits.num_folds, config.seed, progress)

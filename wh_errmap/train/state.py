@@ -38,13 +38,14 @@ def make_model(model: ml_collections.ConfigDict, spatial_dims: int,
 
 def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
   """Adam (or plain SGD) with linear warm-up, then cosine decay or a constant rate."""
-  warmup = min(optim.warmup_steps, max(num_steps - 1, 0))
+  # optax needs at least one warm-up step and one decay step, also for 1-step runs.
+  warmup = max(1, min(optim.warmup_steps, num_steps - 1))
   if optim.schedule == "cosine":
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, optim.learning_rate, max(warmup, 1), max(num_steps, warmup + 1),
+        0.0, optim.learning_rate, warmup, max(num_steps, warmup + 1),
         end_value=optim.learning_rate * optim.final_lr_fraction)
   elif optim.schedule == "constant":
-    schedule = optax.linear_schedule(0.0, optim.learning_rate, max(warmup, 1))
+    schedule = optax.linear_schedule(0.0, optim.learning_rate, warmup)
   else:
     raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {optim.schedule!r}")
   if optim.name == "adam":
