@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.input = ml_collections.ConfigDict()
   c.input.crop_3d = (96, 96, 80)     # 3D training crops (paper)
   c.input.crop_2d = (96, 96)         # 2D training slices
+  c.input.crop_predictor = (96, 96, 80)  # the predictor's training crops
   c.input.batch_size = 2             # global batch, split over all devices
   c.input.scale_range = (0.9, 1.1)   # random isotropic scaling
   c.input.num_workers = 0            # grain worker processes; 0 = in the main process

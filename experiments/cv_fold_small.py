@@ -2,7 +2,8 @@
 
 Differences from the paper's configuration: 3 mm voxels (an 80 x 80 x 60 heart box instead
 of 120 x 120 x 90 at 2 mm), widths 8/16 with one VoxRes module per stage, 64 x 64 x 48
-crops, a few hundred steps, and NIfTI outputs for the final and GT masks only.
+segmentor crops and 48 x 48 x 40 predictor crops, a few hundred steps, GT masks in 20% of
+the predictor's samples, and NIfTI outputs for the final and GT masks only.
 """
 from __future__ import annotations
 
@@ -22,15 +23,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.preprocess.crop_size = (80, 80, 60)
   c.input.crop_3d = (64, 64, 48)
   c.input.crop_2d = (96, 96)
+  c.input.crop_predictor = (48, 48, 40)
   c.optim.learning_rate = 3e-3
   c.optim.warmup_steps = 20
   c.train.seg3d.steps = 500
   c.train.seg3d.batch_size = 2
   c.train.seg2d.steps = 400
   c.train.seg2d.batch_size = 8
-  c.train.predictor.steps = 400
+  c.train.predictor.steps = 600
   c.train.predictor.batch_size = 2
   c.train.log_every = 25
   c.train.checkpoint_every = 100
+  c.predictor.gt_probability = 0.2
   c.nifti = "final"
   return c

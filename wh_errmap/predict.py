@@ -62,7 +62,7 @@ def load_predictor(workdir: str | Path, fold: int) -> tuple[VoxResNet, Any, ml_c
   config = load_run_config(workdir)
   checkpoints = Path(workdir) / f"fold{fold}" / "predictor" / "checkpoints"
   model = predictor_model(config)
-  crop = tuple(config.input.crop_3d)
+  crop = tuple(config.input.crop_predictor)
   template = create_state(model, make_optimizer(config.optim, config.train.predictor.steps),
                           (1, *crop, 1 + NUM_CLASSES), jax.random.key(0),
                           make_mesh(jax.devices()[:1]))

@@ -72,7 +72,7 @@ def train_predictor(config: ml_collections.ConfigDict,
   """Trains (or resumes, or restores) the error-map predictor on masks that the frozen
   segmentors generate inside its step from the training crops."""
   model = predictor_model(config)
-  crop = tuple(config.input.crop_3d)
+  crop = tuple(config.input.crop_predictor)
   schedule = config.train.predictor
   mesh = make_mesh()
   tx = make_optimizer(config.optim, schedule.steps)
