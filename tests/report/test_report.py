@@ -1,0 +1,207 @@
+"""The cross-validation report on a fake run: 2 of 5 folds evaluated, a third still training."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from experiments import cv_report
+from tests.conftest import blob_label
+from wh_errmap.data import MMWHS_CODES, save_nifti
+from wh_errmap.errors import UserError
+from wh_errmap.evaluation import write_records
+from wh_errmap.masks import AUTO_MASK_TYPES, MASK_TYPES
+from wh_errmap.report import build_report
+from wh_errmap.report import panels
+from wh_errmap.report.folds import read_fold, read_folds
+from wh_errmap.report.tables import TABLE1_COLUMNS, TABLE1_ROWS, qi_statistics, table1
+
+CASES = {0: ["mr_train_1001", "mr_train_1002", "mr_train_1003"],
+         1: ["mr_train_1004", "mr_train_1005"]}
+PANEL_CASE = "mr_train_1002"
+PANEL_TYPES = ("3d-final", "2d-final", "gt")
+FIGURES = ("dsc_histogram.png", "error_panels.png", "qi_vs_acc.png", "qi_vs_dsc.png",
+           "training_curves.png")
+# An oblique header, so the panels must reorient predictions and scan alike.
+AFFINE = np.array([[-1.2, 0, 0, 30], [0, 0, 1.5, -10], [0, -1.1, 0, 5], [0, 0, 0, 1.0]])
+
+
+def fake_records(fold: int, rng: np.random.Generator) -> list[dict]:
+  records = []
+  for case_id in CASES[fold]:
+    for mask_type in MASK_TYPES:
+      gt = mask_type == "gt"
+      acc = 1.0 if gt else float(rng.uniform(0.92, 0.99))
+      records.append({
+          "case_id": case_id, "fold": fold, "mask_type": mask_type,
+          **{field: float(rng.uniform(0.2, 0.9)) for field in ("err_dsc", "err_prec",
+                                                               "err_recl")},
+          "err_acc": float(rng.uniform(0.95, 1.0)),
+          "seg_dsc": 1.0 if gt else float(rng.uniform(0.2, 0.85)), "seg_acc": acc,
+          "qi": acc + float(rng.normal(0, 0.004)), "soft_qi": acc + float(rng.normal(0, 0.006)),
+          "true_acc": acc})
+  return records
+
+
+def write_curve(path: Path, steps: int) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  lines = [json.dumps({"step": s, "loss": 5.0 / s + 0.5, "final/ce": 0.1})
+           for s in range(1, steps + 1, 10)]
+  path.write_text("\n".join(lines) + "\n")
+
+
+def write_panel_case(fold_dir: Path, data_dir: Path) -> np.ndarray:
+  """Scan, label and predictions of PANEL_CASE; returns the label (MMWHS codes)."""
+  label = blob_label((24, 20, 16))
+  rng = np.random.default_rng(1)
+  image = (100 + 50 * (label > 0) + rng.normal(0, 5, label.shape)).astype(np.float32)
+  paths = {"image_path": str(data_dir / f"{PANEL_CASE}_image.nii.gz"),
+           "label_path": str(data_dir / f"{PANEL_CASE}_label.nii.gz")}
+  save_nifti(paths["image_path"], image, AFFINE)
+  save_nifti(paths["label_path"], label, AFFINE)
+  (fold_dir / "test_cases.json").write_text(json.dumps({PANEL_CASE: paths}))
+  # Every mask calls the myocardium LV: its true error map is exactly the myocardium.
+  wrong = np.where(label == MMWHS_CODES[0], MMWHS_CODES[2], label).astype(np.int16)
+  for mask_type in PANEL_TYPES:
+    mask = label if mask_type == "gt" else wrong
+    prob = rng.uniform(0, 1, label.shape).astype(np.float32)
+    directory = fold_dir / "predictions" / PANEL_CASE
+    save_nifti(directory / f"{mask_type}_mask.nii.gz", mask, AFFINE)
+    save_nifti(directory / f"{mask_type}_error_prob.nii.gz", prob, AFFINE)
+    save_nifti(directory / f"{mask_type}_error.nii.gz", (prob > 0.5).astype(np.uint8), AFFINE)
+  return label
+
+
+def make_run(workdir: Path) -> dict[int, list[dict]]:
+  """Folds 0 and 1 evaluated, fold 2 training, folds 3 and 4 not started."""
+  rng = np.random.default_rng(0)
+  records = {}
+  for fold in CASES:
+    fold_dir = workdir / f"fold{fold}"
+    records[fold] = fake_records(fold, rng)
+    write_records(fold_dir, records[fold])
+    for model in ("seg3d", "seg2d", "predictor"):
+      write_curve(fold_dir / model / "metrics.jsonl", 200)
+  write_panel_case(workdir / "fold0", workdir / "data")
+  write_curve(workdir / "fold2" / "seg3d" / "metrics.jsonl", 50)
+  return records
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run")
+  records = make_run(workdir)
+  return workdir, records, build_report(workdir, num_folds=5)
+
+
+def test_table1_counts_and_means(run):
+  workdir, records, _ = run
+  flat = records[0] + records[1]
+  rows = {row["row"]: row for row in table1(flat)}
+  assert list(rows) == list(TABLE1_ROWS)
+  num_cases = len(CASES[0]) + len(CASES[1])
+  assert rows["3D Final"]["n_masks"] == rows["2D-5"]["n_masks"] == num_cases
+  assert rows["3D-Average"]["n_masks"] == 5 * num_cases
+  assert rows["Overall-auto"]["n_masks"] == 10 * num_cases
+  assert rows["Overall-GT"]["n_masks"] == 11 * num_cases
+  for label, types in (("3D-4", ("3d-side4",)), ("Overall-auto", AUTO_MASK_TYPES),
+                       ("Overall-GT", MASK_TYPES)):
+    for field in TABLE1_COLUMNS:
+      expected = np.mean([r[field] for r in flat if r["mask_type"] in types])
+      assert rows[label][field] == pytest.approx(expected, rel=1e-12)
+  csv_lines = (workdir / "report" / "table1.csv").read_text().splitlines()
+  assert len(csv_lines) == 1 + len(TABLE1_ROWS)
+  assert csv_lines[1].startswith(f"3D Final,{num_cases},")
+  markdown = (workdir / "report" / "table1.md").read_text()
+  assert "| **Overall-auto** | 50 (200) |" in markdown
+  assert "(0.4313)" in markdown   # the paper's 3D Final DSC beside ours
+  assert re.search(r"\| \*\*2D-3\*\* \| 5 \(–\) \|", markdown)
+
+
+def test_qi_statistics_match_scipy(run):
+  workdir, records, _ = run
+  flat = records[0] + records[1]
+  saved = json.loads((workdir / "report" / "qi_stats.json").read_text())
+  assert saved == qi_statistics(records)
+  qi = np.array([r["qi"] for r in flat])
+  for key, field in (("acc", "true_acc"), ("dsc", "seg_dsc")):
+    truth = np.array([r[field] for r in flat])
+    r, p = stats.pearsonr(qi, truth)
+    assert saved["all"][key]["pcc"] == pytest.approx(r, abs=1e-5)
+    assert saved["all"][key]["p_value"] == pytest.approx(p, rel=1e-3, abs=1e-12)
+    assert saved["all"][key]["n"] == len(flat)
+  assert saved["all"]["acc"]["mae"] == pytest.approx(
+      np.mean(np.abs(qi - [r["true_acc"] for r in flat])), abs=1e-6)
+  fold1 = records[1]
+  r1, _ = stats.pearsonr([r["qi"] for r in fold1], [r["true_acc"] for r in fold1])
+  assert saved["folds"]["1"]["acc"]["pcc"] == pytest.approx(r1, abs=1e-5)
+  assert saved["auto"]["n"] == 10 * (len(CASES[0]) + len(CASES[1]))
+
+
+def test_report_names_missing_folds_and_embeds_every_figure(run):
+  workdir, _, report = run
+  assert report == workdir / "report" / "report.md"
+  text = report.read_text()
+  lacking = text[text.index("Missing or incomplete"):].split("\n")[0]
+  for fold in (2, 3, 4):
+    assert f"fold {fold} (" in lacking
+  assert "fold 0 (" not in lacking and "fold 1 (" not in lacking
+  assert "fold 2 (incomplete: no records.json; last logged steps: seg3d 41)" in lacking
+  for name in FIGURES:
+    png = (workdir / "report" / name).read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000, name
+    assert f"]({name})" in text, name
+  assert "| Paper (all masks) | 220 | 0.972 |" in text
+  assert "| Fold 1 | 22 |" in text
+
+
+def test_fold_status(tmp_path):
+  folds = read_folds(tmp_path, 2)
+  assert [f.status for f in folds] == ["missing: not run"] * 2
+  records = fake_records(1, np.random.default_rng(0))
+  write_records(tmp_path / "fold1", records[:-1])
+  fold = read_fold(tmp_path / "fold1", 1)
+  assert fold.status.startswith("incomplete: 1 of 2 test cases lack some")
+  assert len(fold.records) == len(records) - 1   # still reported
+  (tmp_path / "fold1" / "records.json").write_text("[{\"case_id\": ")
+  assert "unreadable" in read_fold(tmp_path / "fold1", 1).status
+
+
+def test_panels_show_the_case_with_its_masks_aligned(run):
+  workdir, _, _ = run
+  folds = read_folds(workdir, 5)
+  rows, notes = panels.choose_rows(folds)
+  assert notes == []
+  assert [(row.case_id, row.mask_type) for row in rows] == [
+      (PANEL_CASE, t) for t in PANEL_TYPES]
+  views = {row.mask_type: panels.load_row(row, 0.5)["slices"] for row in rows}
+  assert not views["gt"]["true_error"].any()
+  myocardium = views["3d-final"]["label"] == 1
+  assert myocardium.any()
+  np.testing.assert_array_equal(views["3d-final"]["true_error"], myocardium)
+
+
+def test_empty_workdir_is_a_user_error(tmp_path):
+  with pytest.raises(UserError, match=r"no fold of .* has test records.*"
+                                      r"--experiment=cv_fold --fold=k"):
+    build_report(tmp_path / "nothing", num_folds=5)
+
+
+def test_cv_report_experiment(tmp_path, capsys):
+  make_run(tmp_path)
+  # A scan moved away after the run: the report is still built, without the panels.
+  (tmp_path / "data" / f"{PANEL_CASE}_image.nii.gz").unlink()
+  config = cv_report.get_config()
+  assert config.num_folds == 5
+  cv_report.run(config, str(tmp_path))
+  report = tmp_path / "report" / "report.md"
+  assert str(report) in capsys.readouterr().out
+  text = report.read_text()
+  assert f"- {PANEL_CASE} 3d-final not shown: " in text and "file not found" in text
+  assert "](error_panels.png)" not in text
+  assert not (tmp_path / "report" / "error_panels.png").exists()
+  assert (tmp_path / "report" / "table1.md").is_file()
