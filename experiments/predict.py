@@ -14,8 +14,8 @@ from pathlib import Path
 import ml_collections
 
 from experiments import base
+from wh_errmap.atomic import write_json
 from wh_errmap.errors import UserError
-from wh_errmap.evaluation import write_json
 from wh_errmap.predict import assess, assess_many, load_predictor, pair_folder
 from wh_errmap.progress import console
 

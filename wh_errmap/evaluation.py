@@ -12,13 +12,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from wh_errmap.atomic import write_json, write_text
 from wh_errmap.data import MMWHS_CODES, NUM_CLASSES, STRUCTURES, save_nifti
 from wh_errmap.data.preprocess import PreprocessedCase, restore_to_original
 from wh_errmap.inference import error_probability, segment_volume
@@ -33,19 +32,6 @@ RECORD_FIELDS = ("case_id", "fold", "mask_type", "err_dsc", "err_acc", "err_prec
                  "seg_dsc", "seg_acc", "qi", "soft_qi", "true_acc")
 # With nifti="final", only these masks' volumes are written.
 FINAL_MASK_TYPES = ("3d-final", "2d-final", "gt")
-
-
-def write_text(path: Path, text: str) -> None:
-  """Atomic write: a crash never leaves a truncated file under `path`."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def write_json(path: Path, payload: Any) -> None:
-  write_text(path, json.dumps(payload, indent=1))
 
 
 def write_records(directory: Path, records: Sequence[dict[str, Any]]) -> None:

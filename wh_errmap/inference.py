@@ -13,12 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wh_errmap.masks import predictor_input
+from wh_errmap.masks import predictor_input, slicewise
 from wh_errmap.models.voxresnet import VoxResNet
-
-
-def _forward(model: VoxResNet, variables: Any, image: jax.Array) -> dict[str, jax.Array]:
-  return model.apply(variables, image, train=False)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "slice_chunk"))
@@ -34,16 +30,10 @@ def segment_logits(model: VoxResNet, variables: Any, image: jax.Array,
     {"final", "side2".."side5"} -> (X, Y, Z, num_classes) float32 logits.
   """
   if model.spatial_dims == 3:
-    outputs = _forward(model, variables, image[None])
+    outputs = model.apply(variables, image[None], train=False)
     return {name: logits[0] for name, logits in outputs.items()}
-  slices = jnp.moveaxis(image, 2, 0)                      # (Z, X, Y, C)
-  num = slices.shape[0]
-  pad = -num % slice_chunk
-  chunks = jnp.pad(slices, [(0, pad), (0, 0), (0, 0), (0, 0)]).reshape(
-      -1, slice_chunk, *slices.shape[1:])
-  outputs = jax.lax.map(lambda chunk: _forward(model, variables, chunk), chunks)
-  return {name: jnp.moveaxis(logits.reshape(-1, *logits.shape[2:])[:num], 0, 2)
-          for name, logits in outputs.items()}
+  outputs = slicewise(model, variables, image[None], slice_chunk)
+  return {name: logits[0] for name, logits in outputs.items()}
 
 
 def segment_volume(model: VoxResNet, variables: Any, image: np.ndarray) -> dict[str, np.ndarray]:

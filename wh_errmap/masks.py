@@ -19,14 +19,22 @@ AUTO_MASK_TYPES = tuple(f"{dims}-{output}" for dims in ("3d", "2d") for output i
 MASK_TYPES = AUTO_MASK_TYPES + ("gt",)
 
 
-def slicewise(model: VoxResNet, variables: Any, volume: jax.Array) -> dict[str, jax.Array]:
+def slicewise(model: VoxResNet, variables: Any, volume: jax.Array,
+              slice_chunk: int | None = None) -> dict[str, jax.Array]:
   """Applies a 2D model to every axial (last spatial axis) slice of (N, X, Y, Z, C) volumes.
 
+  slice_chunk: run at most this many slices at once (bounds the memory of whole-volume
+  inference); None runs all slices as one batch.
   Returns {output: (N, X, Y, Z, K)} logits.
   """
   n, x, y, z, c = volume.shape
   slices = jnp.moveaxis(volume, 3, 1).reshape(n * z, x, y, c)
-  outputs = model.apply(variables, slices, train=False)
+  if slice_chunk is None:
+    outputs = model.apply(variables, slices, train=False)
+  else:
+    outputs = jax.lax.map(
+        lambda s: jax.tree.map(lambda o: o[0], model.apply(variables, s[None], train=False)),
+        slices, batch_size=slice_chunk)
   return {name: jnp.moveaxis(logits.reshape(n, z, x, y, -1), 1, 3)
           for name, logits in outputs.items()}
 

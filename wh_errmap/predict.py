@@ -14,12 +14,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from wh_errmap.atomic import write_json
 from wh_errmap.data import NUM_CLASSES, InvalidCaseError, load_case, save_nifti
 from wh_errmap.data.dataset import preprocess_config
 from wh_errmap.data.nifti_io import case_id_from_path
 from wh_errmap.data.preprocess import preprocess_case, restore_to_original
 from wh_errmap.errors import UserError
-from wh_errmap.evaluation import write_json
 from wh_errmap.inference import error_probability
 from wh_errmap.metrics import quality_indicator, soft_quality_indicator
 from wh_errmap.models.voxresnet import VoxResNet

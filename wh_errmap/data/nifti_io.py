@@ -8,13 +8,13 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
-import tempfile
 import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from wh_errmap.atomic import atomic_path
 from wh_errmap.errors import UserError
 
 # MMWHS label codes -> class index (0 is background).
@@ -191,16 +191,8 @@ def load_case(image_path: str | os.PathLike,
 
 def save_nifti(path: str | os.PathLike, volume: np.ndarray, affine: np.ndarray) -> None:
   """Writes a NIfTI file atomically: a crash never leaves a truncated file under `path`."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-  os.close(fd)
-  try:
-    img = nib.Nifti1Image(volume, affine)
-    img.header.set_xyzt_units("mm")
-    nib.save(img, tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  suffix = ".nii.gz" if str(path).endswith(".nii.gz") else ".nii"
+  img = nib.Nifti1Image(volume, affine)
+  img.header.set_xyzt_units("mm")
+  with atomic_path(path, suffix) as tmp:
+    nib.save(img, str(tmp))

@@ -17,14 +17,15 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from wh_errmap.data.nifti_io import Case, InvalidCaseError, from_canonical, load_case
+from wh_errmap.atomic import atomic_path
+from wh_errmap.data.nifti_io import (Case, InvalidCaseError, case_id_from_path, from_canonical,
+                                     load_case)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,18 +199,11 @@ def cache_key(paths: Sequence[str | os.PathLike | None], config: PreprocessConfi
 
 
 def save_preprocessed(path: Path, case: PreprocessedCase) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
   arrays = {"image": case.image, "properties": np.array(json.dumps(case.properties))}
   if case.label is not None:
     arrays["label"] = case.label
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, case_id=np.array(case.case_id), **arrays)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with atomic_path(path, ".npz") as tmp:
+    np.savez(tmp, case_id=np.array(case.case_id), **arrays)
 
 
 def load_preprocessed(path: Path) -> PreprocessedCase:
@@ -230,7 +224,7 @@ def preprocess_cached(image_path: str | os.PathLike, label_path: str | os.PathLi
   Returns (case, hit) where hit says whether the cache was used.
   """
   key = cache_key([image_path, label_path], config)
-  case_id = case_id or Path(image_path).name.split(".nii")[0].removesuffix("_image")
+  case_id = case_id or case_id_from_path(image_path)
   path = Path(cache_dir) / f"{case_id}-{key}.npz"
   if path.exists():
     try:

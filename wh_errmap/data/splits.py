@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from wh_errmap.atomic import write_json
 from wh_errmap.errors import UserError
 
 
@@ -40,11 +40,7 @@ def load_or_create_splits(path: str | os.PathLike, case_ids: Sequence[str],
           f"{len(case_ids)} cases and {num_folds} folds were asked for; delete it to re-split")
     return folds
   folds = make_splits(case_ids, num_folds, seed)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".splits.", suffix=".json", dir=path.parent)
-  with os.fdopen(fd, "w") as f:
-    json.dump({"num_folds": num_folds, "seed": seed, "folds": folds}, f, indent=1)
-  os.replace(tmp, path)
+  write_json(path, {"num_folds": num_folds, "seed": seed, "folds": folds})
   return folds
 
 

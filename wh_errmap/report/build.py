@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from wh_errmap.atomic import write_json, write_text
 from wh_errmap.errors import UserError
-from wh_errmap.evaluation import write_json, write_text
 from wh_errmap.masks import MASK_TYPES
 from wh_errmap.report import figures, panels, tables
 from wh_errmap.report.folds import Fold, read_folds

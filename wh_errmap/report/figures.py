@@ -5,8 +5,6 @@ figure state is involved and the report can run on a headless machine.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -14,6 +12,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
 
+from wh_errmap.atomic import atomic_path
 from wh_errmap.masks import MASK_TYPES
 from wh_errmap.report.tables import DASH, format_p
 
@@ -29,15 +28,8 @@ DSC_LABEL = "true segmentation Dice (mean over the 7 structures)"
 
 def save_figure(fig: Figure, path: Path, dpi: int = 120) -> None:
   """Writes `fig` as PNG atomically: a crash never leaves a truncated image under `path`."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with atomic_path(path, ".png") as tmp:
+    fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
 
 
 def mask_level(mask_type: str) -> int:
