@@ -8,6 +8,7 @@ import sys
 from absl import app, flags, logging
 
 import experiments
+from wh_errmap.cache import enable_compilation_cache
 from wh_errmap.errors import UserError
 
 _EXPERIMENT = flags.DEFINE_string(
@@ -36,6 +37,7 @@ def main(argv):
     experiments.override(config, [f"{name}={flag.value!r}" for name, flag in _FIELDS.items()
                                   if flag.value is not None])
     experiments.override(config, _SET.value)
+    enable_compilation_cache(config.get("cache_dir"))
     experiment.run(config, _WORKDIR.value)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -36,8 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.num_voxres = 2       # VoxRes modules per stage (paper)
   c.model.norm = "batch"       # "batch", "group" or "instance"
   c.model.upsample = "linear"  # side outputs: "linear" (cheap, exact) or "transpose" (learned)
-  c.model.conv_impl = "auto"   # stride-1 convs: "xla", "matmul" (fast on CPU), "auto" picks
-  c.model.dtype = "float32"    # compute dtype; "bfloat16" for mixed precision on GPU/TPU
+  c.model.conv_impl = "auto"   # 3^d convs: "xla", "matmul"; "auto" = matmul for 3D on CPU
+  c.model.dtype = "auto"       # compute dtype: "auto" = bfloat16 (mixed precision) on GPU/TPU,
+  #                              float32 on CPU; or "float32" / "bfloat16" explicitly
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adam"             # "adam" (paper) or "sgd"
@@ -63,3 +64,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 1000  # orbax checkpoint every N steps (and at the end)
   c.train.keep_checkpoints = 3     # newest checkpoints kept per model
   return c
+
+
+def apply_small_sizes(c: ml_collections.ConfigDict) -> None:
+  """CPU-sized model, voxels, crops and batches (the quick start's; see cv_fold_small).
+
+  Kept here, free of data imports, so the benchmark can use it on machines without nibabel.
+  """
+  c.model.width1 = 8
+  c.model.width2 = 16
+  c.model.num_voxres = 1
+  c.preprocess.spacing = (3.0, 3.0, 3.0)
+  c.preprocess.crop_size = (80, 80, 60)
+  c.input.crop_3d = (64, 64, 48)
+  c.input.crop_2d = (96, 96)
+  c.input.crop_predictor = (48, 48, 40)
+  c.train.seg3d.batch_size = 2
+  c.train.seg2d.batch_size = 8
+  c.train.predictor.batch_size = 2

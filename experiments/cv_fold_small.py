@@ -9,29 +9,19 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments import cv_fold
+from experiments import base, cv_fold
 
 run = cv_fold.run
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = cv_fold.get_config()
-  c.model.width1 = 8
-  c.model.width2 = 16
-  c.model.num_voxres = 1
-  c.preprocess.spacing = (3.0, 3.0, 3.0)
-  c.preprocess.crop_size = (80, 80, 60)
-  c.input.crop_3d = (64, 64, 48)
-  c.input.crop_2d = (96, 96)
-  c.input.crop_predictor = (48, 48, 40)
+  base.apply_small_sizes(c)
   c.optim.learning_rate = 3e-3
   c.optim.warmup_steps = 20
   c.train.seg3d.steps = 500
-  c.train.seg3d.batch_size = 2
   c.train.seg2d.steps = 400
-  c.train.seg2d.batch_size = 8
   c.train.predictor.steps = 600
-  c.train.predictor.batch_size = 2
   c.train.log_every = 25
   c.train.checkpoint_every = 100
   c.predictor.gt_probability = 0.2

@@ -1,6 +1,8 @@
 """Shared fixtures: tiny NIfTI cases written on the fly."""
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -8,10 +10,18 @@ import numpy as np
 import pytest
 from absl import flags
 
+from wh_errmap.cache import enable_compilation_cache
 from wh_errmap.data.nifti_io import MMWHS_CODES
 
 # grain reads absl flags inside its workers; tests run without absl.app.run.
 flags.FLAGS.mark_as_parsed()
+# Tests build the same tiny programs many times over (every create_state compiles the same
+# initialisers); a cache fresh for each session compiles each of them once. The environment
+# variables hand the same cache to the tests' subprocesses (jax reads JAX_* at import).
+_XLA_CACHE = enable_compilation_cache(tempfile.mkdtemp(prefix="wh_errmap_tests_"))
+os.environ.update(JAX_COMPILATION_CACHE_DIR=str(_XLA_CACHE),
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
 def blob_label(shape=(24, 20, 16), codes=True) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 Cache layout (root: `cache_dir`, by default $WH_ERRMAP_CACHE or ~/.cache/wh_errmap):
 
+    xla/                             compiled programs (wh_errmap.cache)
     phantom-n{N}-s{seed}/            generated phantom in the MMWHS layout (when no data_dir)
     datasets/{name}-{hash}/          one folder per data folder (hash of its absolute path)
       splits.json                    the K-fold split, written once
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from wh_errmap.cache import default_cache_dir
 from wh_errmap.data.mmwhs import find_cases
 from wh_errmap.data.nifti_io import InvalidCaseError
 from wh_errmap.data.preprocess import PreprocessConfig, PreprocessedCase, preprocess_cached
@@ -25,9 +27,6 @@ from wh_errmap.progress import console
 Progress = Callable[[str], None]
 PHANTOM_VERSION = 1  # bump when the generator changes, so old caches are not reused
 
-
-def default_cache_dir() -> Path:
-  return Path(os.environ.get("WH_ERRMAP_CACHE") or Path.home() / ".cache" / "wh_errmap")
 
 
 def phantom_dir(cache_dir: str | os.PathLike, num_cases: int, seed: int,

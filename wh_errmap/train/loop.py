@@ -70,6 +70,23 @@ def _format_eta(seconds: float) -> str:
   return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def compile_step(step_fn: StepFn, mesh: jax.sharding.Mesh, *, with_frozen: bool) -> Callable:
+  """The jitted step the loop runs: `(state, batch, base_rng, frozen) -> (state, metrics)`.
+
+  The state is donated and replicated, the batch split over the mesh's 'data' axis. The
+  step's randomness is `fold_in(base_rng, state.step)`, so it depends only on (seed, step)
+  and a resumed run matches. frozen is None for steps without frozen models.
+  """
+  def step_with_rng(state, batch, base_rng, frozen):
+    rng = jax.random.fold_in(base_rng, state.step)
+    return step_fn(state, batch, rng, frozen) if with_frozen else step_fn(state, batch, rng)
+
+  return jax.jit(step_with_rng, donate_argnums=0,
+                 in_shardings=(replicated(mesh), data_sharded(mesh), replicated(mesh),
+                               replicated(mesh)),
+                 out_shardings=(replicated(mesh), replicated(mesh)))
+
+
 def train(name: str, workdir: str | Path, *, state: TrainState, step_fn: StepFn,
           dataset: Any, mesh: jax.sharding.Mesh, num_steps: int, seed: int,
           log_every: int = 50, checkpoint_every: int = 500, keep_checkpoints: int = 3,
@@ -100,16 +117,7 @@ def train(name: str, workdir: str | Path, *, state: TrainState, step_fn: StepFn,
     return state
 
   base_rng = jax.random.key(seed)
-
-  def step_with_rng(state, batch, base_rng, frozen):
-    # The step's randomness depends only on (seed, step), so a resumed run matches.
-    rng = jax.random.fold_in(base_rng, state.step)
-    return step_fn(state, batch, rng) if frozen is None else step_fn(state, batch, rng, frozen)
-
-  compiled = jax.jit(step_with_rng, donate_argnums=0,
-                     in_shardings=(replicated(mesh), data_sharded(mesh), replicated(mesh),
-                                   replicated(mesh)),
-                     out_shardings=(replicated(mesh), replicated(mesh)))
+  compiled = compile_step(step_fn, mesh, with_frozen=frozen is not None)
   if frozen is not None:
     frozen = jax.device_put(frozen, replicated(mesh))
   manager = _checkpoint_manager(model_dir / "checkpoints", keep_checkpoints)

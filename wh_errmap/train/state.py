@@ -27,13 +27,26 @@ class TrainState(flax.struct.PyTreeNode):
                         batch_stats=batch_stats, opt_state=opt_state)
 
 
+def compute_dtype(name: str) -> jnp.dtype:
+  """The model's compute dtype from config: "auto" is bfloat16 on GPU/TPU, float32 on CPU.
+
+  Parameters, batch statistics, optimizer state and losses stay float32 either way (mixed
+  precision); on the CPU bf16 arithmetic is emulated and slower than float32.
+  """
+  if name == "auto":
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+  if name not in ("float32", "bfloat16"):
+    raise ValueError(f"model.dtype must be 'auto', 'float32' or 'bfloat16', got {name!r}")
+  return jnp.dtype(name)
+
+
 def make_model(model: ml_collections.ConfigDict, spatial_dims: int,
                num_classes: int) -> VoxResNet:
   """A VoxResNet from a `model` config block (see experiments/base.py)."""
   return VoxResNet(spatial_dims=spatial_dims, num_classes=num_classes, width1=model.width1,
                    width2=model.width2, num_voxres=model.num_voxres, norm=model.norm,
                    upsample=model.upsample, conv_impl=model.conv_impl,
-                   dtype=jnp.dtype(model.dtype))
+                   dtype=compute_dtype(model.dtype))
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
