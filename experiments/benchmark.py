@@ -1,0 +1,97 @@
+"""Throughput benchmark: `python launch.py --experiment=benchmark`.
+
+Times, on every device JAX sees, the 3D and 2D segmentor training steps, the predictor's
+training step (with the masks of both frozen segmentors made inside it), whole-volume
+inference per case and the grain input stream, for the paper-size config and the quick
+start's small one, and the same steps of the PyTorch reference (benchmarks/) when torch is
+installed. Writes workdir/benchmark.json and workdir/benchmark.md, prints the table, and
+appends it to benchmark.docs when set (e.g. docs/benchmarks.md).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_collections
+
+from experiments import base
+from wh_errmap import atomic
+from wh_errmap.benchmark import STEPS, StepBench, reference, table
+from wh_errmap.errors import UserError
+from wh_errmap.progress import console
+from wh_errmap.train.state import compute_dtype
+
+PRESETS = ("paper", "small")
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = base.get_config()
+  c.benchmark = ml_collections.ConfigDict()
+  c.benchmark.configs = PRESETS   # "paper": this config's sizes; "small": the quick start's
+  c.benchmark.steps = STEPS       # any of seg3d_train seg2d_train predictor_train inference input
+  c.benchmark.warmup = 2          # untimed calls after compilation
+  c.benchmark.iters = 5           # timed calls per step
+  c.benchmark.reference = "auto"  # PyTorch reference: "auto" (when torch is installed), "off"
+  c.benchmark.docs = ""           # append the table to this Markdown file ("" = don't)
+  return c
+
+
+def preset(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """The config of one benchmarked size; model options (dtype, conv_impl, upsample, norm)
+  follow the benchmark's own config, so `--set model.dtype=float32` applies to both."""
+  if name not in PRESETS:
+    raise UserError(f"benchmark.configs: unknown {name!r}; choose from {', '.join(PRESETS)}")
+  sized = ml_collections.ConfigDict(config.to_dict())
+  if name == "small":
+    base.apply_small_sizes(sized)
+  return sized
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  bench = config.benchmark
+  unknown = set(bench.steps) - set(STEPS)
+  if unknown:
+    raise UserError(f"benchmark.steps: unknown {sorted(unknown)}; choose from {', '.join(STEPS)}")
+  if bench.iters < 1 or bench.warmup < 0:
+    raise UserError(f"benchmark.iters must be >= 1 and warmup >= 0, got {bench.iters}, "
+                    f"{bench.warmup}")
+  configs = {name: preset(config, name) for name in bench.configs}
+  dtype = compute_dtype(config.model.dtype)
+  env = table.environment(dtype.name)
+  console(f"benchmark on {env['device_count']} x {env['device_kind']} ({env['backend']}), "
+          f"compute dtype {dtype.name}, {bench.warmup} warm-up + {bench.iters} timed calls")
+  results = []
+  for name, sized in configs.items():
+    timer = StepBench(name, sized, bench.warmup, bench.iters)
+    for step in bench.steps:
+      result = timer.run(step)
+      results.append(result)
+      console(f"  {name:6s} {step:16s} {result.seconds_per_iter * 1e3:9.1f} ms/step  "
+              f"{result.samples_per_s:8.2f} samples/s {result.note}")
+
+  torch_results = None
+  if bench.reference == "auto" and reference.available():
+    console("PyTorch reference (benchmarks/torch_reference.py) on the same configs ...")
+    try:
+      torch_results = reference.run(configs, bench.steps, warmup=bench.warmup,
+                                    iters=bench.iters, bf16=dtype.name == "bfloat16")
+    except RuntimeError as e:
+      console(f"warning: {e}")
+  elif bench.reference == "auto":
+    console("PyTorch reference skipped: torch is not installed "
+            "(pip install -r benchmarks/requirements.txt)")
+  elif bench.reference != "off":
+    raise UserError(f"benchmark.reference must be 'auto' or 'off', got {bench.reference!r}")
+
+  section = table.markdown(env, results, torch_results)
+  out = Path(workdir)
+  atomic.write_json(out / "benchmark.json",
+                    {"environment": env, "results": [r.to_json() for r in results],
+                     "reference": torch_results})
+  atomic.write_text(out / "benchmark.md", section)
+  console("\n" + section)
+  if bench.docs:
+    docs = Path(bench.docs)
+    previous = docs.read_text() if docs.exists() else "# Benchmarks\n\n"
+    atomic.write_text(docs, previous.rstrip("\n") + "\n\n" + section)
+    console(f"appended to {docs}")
+  console(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.md'}")
