@@ -12,6 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_cases = 20         # phantom size when data_dir is "" (MMWHS MR has 20 labelled scans)
   c.seed = 0               # one seed for phantom, split, initialisation and data order
   c.fold = 0               # which cross-validation fold to run
+  c.overwrite = False      # a workdir recorded with other settings: move it aside, start afresh
 
   c.preprocess = ml_collections.ConfigDict()
   c.preprocess.spacing = (2.0, 2.0, 2.0)            # mm, isotropic as in the paper

@@ -21,7 +21,7 @@ from wh_errmap.data.dataset import dataset_from_config
 from wh_errmap.errors import UserError
 from wh_errmap.evaluation import evaluate_fold, read_records, score_segmentors
 from wh_errmap.metrics import correlation_stats
-from wh_errmap.predict import record_config
+from wh_errmap.workdir import record_config
 from wh_errmap.progress import console
 from wh_errmap.train.stages import SEGMENTORS, train_predictor, train_segmentor
 

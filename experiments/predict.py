@@ -18,6 +18,7 @@ from wh_errmap.atomic import write_json
 from wh_errmap.errors import UserError
 from wh_errmap.predict import assess, assess_many, load_predictor, pair_folder
 from wh_errmap.progress import console
+from wh_errmap.workdir import check_writable
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -34,7 +35,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if not config.image or not config.mask:
     raise UserError("predict needs --image and --mask (two files, or two folders)")
   image, mask = Path(config.image), Path(config.mask)
-  output_dir = Path(config.output_dir or Path(workdir) / "predict")
+  output_dir = check_writable(config.output_dir or Path(workdir) / "predict")
   model, variables, run_config = load_predictor(workdir, config.fold)
   predictor = (model, variables)
   if not image.is_dir():

@@ -1,6 +1,11 @@
 """predict: error maps land on each input file's own grid, whatever its orientation."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import nibabel as nib
 import numpy as np
@@ -10,8 +15,10 @@ from experiments import predict
 from tests.train.tiny import tiny_config, tiny_segmentors, train_tiny_predictor
 from wh_errmap.data.phantom import make_phantom_case
 from wh_errmap.errors import UserError
-from wh_errmap.predict import record_config
+from wh_errmap.workdir import record_config
 from wh_errmap.train.sharding import make_mesh
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +100,29 @@ def test_missing_run_is_a_clear_error(tmp_path, phantom_pair):
   with pytest.raises(UserError, match="config.json"):
     run_predict(tmp_path, tmp_path / "out", phantom_pair["as_generated", "image"],
                 phantom_pair["as_generated", "label"])
+
+
+@pytest.mark.parametrize("problem", ["shape", "affine", "labels"])
+def test_mismatched_mask_through_launch_is_one_line_and_status_2(run_dir, phantom_pair,
+                                                                 tmp_path, problem):
+  image_path = phantom_pair["as_generated", "image"]
+  label = nib.load(str(phantom_pair["as_generated", "label"]))
+  data, affine = np.asarray(label.dataobj), label.affine.copy()
+  if problem == "shape":
+    data = data[:-3]
+  elif problem == "affine":
+    affine[:3, 3] += 25.0
+  else:
+    data = data.copy()
+    data.flat[data.size // 2] = 42   # not an MMWHS code nor a class index
+  mask_path = tmp_path / f"bad_{problem}_mask.nii.gz"
+  nib.save(nib.Nifti1Image(data, affine), str(mask_path))
+  result = subprocess.run(
+      [sys.executable, "launch.py", "--experiment=predict", f"--workdir={run_dir}",
+       f"--image={image_path}", f"--mask={mask_path}"], cwd=ROOT, capture_output=True,
+      text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), lines
+  assert mask_path.name in lines[0] or image_path.name in lines[0]
+  assert not list((run_dir / "predict").glob(f"*bad_{problem}*"))

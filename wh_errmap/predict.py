@@ -6,7 +6,6 @@ around the mask being assessed.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,35 +26,7 @@ from wh_errmap.train.loop import restore_latest
 from wh_errmap.train.sharding import make_mesh
 from wh_errmap.train.stages import predictor_model
 from wh_errmap.train.state import create_state, make_optimizer
-
-CONFIG_FILE = "config.json"
-# Blocks of a run's config that its checkpoints and caches depend on.
-FIXED_BLOCKS = ("model", "preprocess")
-
-
-def record_config(workdir: str | Path, config: ml_collections.ConfigDict) -> None:
-  """Writes the run's config once; refuses a config whose model or preprocessing differ."""
-  path = Path(workdir) / CONFIG_FILE
-  current = json.loads(config.to_json())
-  if path.exists():
-    stored = json.loads(path.read_text())
-    changed = [f"{block}.{key}" for block in FIXED_BLOCKS
-               for key in sorted(set(stored.get(block, {})) | set(current[block]))
-               if stored.get(block, {}).get(key) != current[block].get(key)]
-    if changed:
-      raise UserError(f"{path}: this workdir was made with other settings for "
-                      f"{', '.join(changed)}; use a new --workdir or the recorded settings")
-    return
-  write_json(path, current)
-
-
-def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
-  path = Path(workdir) / CONFIG_FILE
-  if not path.exists():
-    raise UserError(f"{path} not found: --workdir must be a run made by "
-                    f"`launch.py --experiment=cv_fold` (or cv_fold_small)")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
-
+from wh_errmap.workdir import load_run_config
 
 def load_predictor(workdir: str | Path, fold: int) -> tuple[VoxResNet, Any, ml_collections.ConfigDict]:
   """(model, variables, run config) of the trained predictor of `fold` in a run."""

@@ -36,7 +36,8 @@ def tiny_cases(num: int = 4, shape=(20, 18, 14)) -> list:
 
 def train_tiny(workdir, mesh, num_steps: int, batch_size: int = 8, crop=(16, 16, 12),
                spatial_dims: int = 3, seed: int = 0, checkpoint_every: int = 2,
-               optimizer: str = "adam", stop_at: int | None = None):
+               optimizer: str = "adam", stop_at: int | None = None,
+               progress=lambda _: None, step_fn_wrapper=None, log_every: int = 1):
   """Trains a tiny segmentor with the real loop; returns the final state."""
   config = tiny_config()
   config.optim.name = optimizer
@@ -47,9 +48,12 @@ def train_tiny(workdir, mesh, num_steps: int, batch_size: int = 8, crop=(16, 16,
   state = create_state(model, tx, (batch_size, *crop, 1), jax.random.key(seed), mesh)
   dataset = train_dataset(tiny_cases(), crop_size=crop, batch_size=batch_size, seed=seed,
                           shard_index=0, shard_count=1)
-  return loop.train("seg", workdir, state=state, step_fn=make_segmentor_step(model, config.loss),
-                    dataset=dataset, mesh=mesh, num_steps=num_steps, seed=seed, log_every=1,
-                    checkpoint_every=checkpoint_every, stop_at=stop_at, progress=lambda _: None)
+  step_fn = make_segmentor_step(model, config.loss)
+  if step_fn_wrapper is not None:
+    step_fn = step_fn_wrapper(step_fn)
+  return loop.train("seg", workdir, state=state, step_fn=step_fn, dataset=dataset, mesh=mesh,
+                    num_steps=num_steps, seed=seed, log_every=log_every,
+                    checkpoint_every=checkpoint_every, stop_at=stop_at, progress=progress)
 
 
 def tiny_segmentors(seed: int = 0) -> dict:

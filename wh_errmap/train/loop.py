@@ -5,11 +5,25 @@ Per model, under `workdir/<name>/`:
     metrics.jsonl         one JSON object per logged step
 
 A run started again with the same workdir resumes from the newest checkpoint (state and
-data order) and continues to the same final step; a finished run only restores.
+data order) and continues to the same final step, with the same result as an uninterrupted
+run; a finished run only restores.
+
+Faults:
+- Orbax writes each checkpoint into a temporary folder and renames it when complete, so a
+  kill never leaves a half-written checkpoint under a step's name. A checkpoint that cannot
+  be restored anyway (a truncated or deleted file) is reported, moved to
+  `<model>/corrupt_checkpoints/`, and the next older one is used.
+- SIGTERM or SIGINT (Ctrl-C) stop training at the next step boundary with a checkpoint, then
+  raise TrainingInterrupted; a second signal stops at once.
+- A non-finite loss (checked at every logged step) or non-finite parameters (checked before
+  every checkpoint) raise TrainingDivergedError; no non-finite state is ever saved.
 """
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -28,7 +42,53 @@ Progress = Callable[[str], None]
 
 
 class TrainingDivergedError(UserError):
-  """The loss became NaN or Inf."""
+  """The loss or the parameters became NaN or Inf."""
+
+
+class TrainingInterrupted(UserError):
+  """SIGTERM/SIGINT stopped training after saving a checkpoint; exit_code is 128 + signal."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.exit_code = 128 + signum
+
+
+class _StopSignals:
+  """Turns SIGTERM/SIGINT into a flag read at step boundaries (main thread only).
+
+  A second signal while the flag is set restores the previous handlers and re-raises the
+  signal, so a stuck save can still be interrupted.
+  """
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  def _handle(self, signum, frame):
+    if self.signum is not None:
+      self.__exit__()
+      signal.raise_signal(signum)
+      return
+    self.signum = signum
+
+  def __enter__(self) -> "_StopSignals":
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  return jax.tree.reduce(lambda a, b: a & b,
+                         jax.tree.map(lambda x: jax.numpy.isfinite(x).all(), tree),
+                         jax.numpy.bool_(True))
 
 
 def _checkpoint_manager(directory: Path, keep: int) -> ocp.CheckpointManager:
@@ -41,19 +101,62 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def restore_latest(directory: str | Path, state: TrainState,
+def restore_latest(directory: str | Path, state: TrainState, progress: Progress = console,
                    ) -> tuple[TrainState, dict | None, int | None]:
-  """(state, iterator state, step) of the newest checkpoint, or (state, None, None)."""
+  """(state, iterator state, step) of the newest readable checkpoint, or (state, None, None).
+
+  A checkpoint that fails to restore is reported through `progress`, moved to
+  `<directory>/../corrupt_checkpoints/<step>`, and the next older one is tried.
+  """
   directory = Path(directory)
   if not directory.exists():
     return state, None, None
   with _checkpoint_manager(directory, keep=1_000_000) as manager:
-    step = manager.latest_step()
-    if step is None:
-      return state, None, None
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(state)), data=ocp.args.JsonRestore()))
-  return restored.state, restored.data, step
+    steps = sorted(manager.all_steps(), reverse=True)
+    for step in steps:
+      try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(state)), data=ocp.args.JsonRestore()))
+      # Orbax and TensorStore raise many exception types for damaged files.
+      except Exception as e:  # noqa: BLE001
+        aside = directory.parent / "corrupt_checkpoints" / str(step)
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(aside, ignore_errors=True)
+        shutil.move(str(directory / str(step)), aside)
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        progress(f"warning: checkpoint {directory / str(step)} is unreadable ({reason}); "
+                 f"moved to {aside}, using the previous one")
+        manager.reload()
+        continue
+      return restored.state, restored.data, step
+  return state, None, None
+
+
+def _iterator_states(iterator: Any) -> dict[str, Any]:
+  """Every process's input-iterator state, {"process_<i>": state}, for one checkpoint.
+
+  Orbax writes a JSON item from the primary process only, while each process reads its
+  own shard of the data: the states are gathered so that each process resumes its own.
+  """
+  local = iterator.get_state()
+  if jax.process_count() == 1:
+    return {"process_0": local}
+  from jax.experimental import multihost_utils
+  encoded = np.frombuffer(json.dumps(local).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.int32(encoded.size))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:encoded.size] = encoded
+  gathered = multihost_utils.process_allgather(padded)
+  return {f"process_{i}": json.loads(bytes(gathered[i][:sizes[i]]).decode())
+          for i in range(jax.process_count())}
+
+
+def _own_iterator_state(states: dict[str, Any]) -> Any:
+  key = f"process_{jax.process_index()}"
+  if key not in states:
+    raise UserError(f"the checkpoint holds input states for {len(states)} process(es), not "
+                    f"for process {jax.process_index()}: resume with the same process count")
+  return states[key]
 
 
 def _trim_metrics(path: Path, last_step: int) -> None:
@@ -68,6 +171,19 @@ def _format_eta(seconds: float) -> str:
   minutes, secs = divmod(int(seconds), 60)
   hours, minutes = divmod(minutes, 60)
   return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _stop_requested(stop: _StopSignals) -> bool:
+  """Whether any process got a stop signal. With several processes the flags are combined
+  (an all-gather, so every process must call this at the same steps) so that all stop, and
+  save, at the same step."""
+  if jax.process_count() == 1:
+    return stop.signum is not None
+  from jax.experimental import multihost_utils
+  flags = multihost_utils.process_allgather(np.int32(stop.signum or 0))
+  if stop.signum is None and flags.max() > 0:
+    stop.signum = int(flags.max())
+  return bool(flags.max() > 0)
 
 
 def compile_step(step_fn: StepFn, mesh: jax.sharding.Mesh, *, with_frozen: bool) -> Callable:
@@ -105,9 +221,9 @@ def train(name: str, workdir: str | Path, *, state: TrainState, step_fn: StepFn,
   model_dir.mkdir(parents=True, exist_ok=True)
   metrics_path = model_dir / "metrics.jsonl"
   iterator: Iterator = iter(dataset)
-  state, data_state, start = restore_latest(model_dir / "checkpoints", state)
+  state, data_state, start = restore_latest(model_dir / "checkpoints", state, progress)
   if start is not None:
-    iterator.set_state(data_state)
+    iterator.set_state(_own_iterator_state(data_state))
     _trim_metrics(metrics_path, start)
     if start < num_steps:
       progress(f"[{name}] resuming from the checkpoint at step {start}/{num_steps}")
@@ -124,30 +240,50 @@ def train(name: str, workdir: str | Path, *, state: TrainState, step_fn: StepFn,
   last = num_steps if stop_at is None else min(stop_at, num_steps)
   progress(f"[{name}] training steps {start + 1}..{last} of {num_steps} on {mesh.size} device(s)")
   t_last, step_last, t_start = time.perf_counter(), start, time.perf_counter()
+  checkpoints = model_dir / "checkpoints"
+
+  def diverged(what: str, step: int) -> TrainingDivergedError:
+    return TrainingDivergedError(
+        f"model {name}: {what} at step {step}; training stopped. The last good checkpoint "
+        f"is kept in {checkpoints} (try a lower optim.learning_rate)")
+
+  def save(step: int) -> None:
+    if not bool(_all_finite(state.params)):
+      raise diverged("the parameters are not finite", step)
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(_iterator_states(iterator))))
+
   try:
-    for step in range(start + 1, last + 1):
-      state, metrics = compiled(state, global_batch(mesh, next(iterator)), base_rng, frozen)
-      if step % log_every == 0 or step == last or step == start + 1:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not np.isfinite(metrics["loss"]):
-          raise TrainingDivergedError(
-              f"[{name}] loss is {metrics['loss']} at step {step}; the last good checkpoint "
-              f"is kept in {model_dir / 'checkpoints'}")
-        now = time.perf_counter()
-        rate = (step - step_last) / max(now - t_last, 1e-9)
-        t_last, step_last = now, step
-        record = {"step": step, **metrics, "steps_per_s": rate, "time_s": now - t_start}
-        with metrics_path.open("a") as f:
-          f.write(json.dumps(record) + "\n")
-        if step == start + 1:
-          speed = f"first step incl. compilation {now - t_start:.1f} s"
-        else:
-          speed = f"{rate:.2f} steps/s  ETA {_format_eta((num_steps - step) / rate)}"
-        progress(f"[{name}] step {step}/{num_steps}  loss {metrics['loss']:.4f}  {speed}")
-      if step % checkpoint_every == 0 or step == last:
-        manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(iterator.get_state())))
-    manager.wait_until_finished()
+    with _StopSignals() as stop:
+      for step in range(start + 1, last + 1):
+        state, metrics = compiled(state, global_batch(mesh, next(iterator)), base_rng, frozen)
+        if step % log_every == 0 or step == last or step == start + 1:
+          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          if not np.isfinite(metrics["loss"]):
+            raise diverged(f"the loss is {metrics['loss']}", step)
+          now = time.perf_counter()
+          rate = (step - step_last) / max(now - t_last, 1e-9)
+          t_last, step_last = now, step
+          record = {"step": step, **metrics, "steps_per_s": rate, "time_s": now - t_start}
+          with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+          if step == start + 1:
+            speed = f"first step incl. compilation {now - t_start:.1f} s"
+          else:
+            speed = f"{rate:.2f} steps/s  ETA {_format_eta((num_steps - step) / rate)}"
+          progress(f"[{name}] step {step}/{num_steps}  loss {metrics['loss']:.4f}  {speed}")
+        # Several processes must agree on stopping (an all-gather): only at logged steps.
+        stopping = ((jax.process_count() == 1 or step % log_every == 0)
+                    and _stop_requested(stop))
+        if step % checkpoint_every == 0 or step == last or stopping:
+          save(step)
+        if stopping and step < last:
+          manager.wait_until_finished()
+          raise TrainingInterrupted(
+              f"[{name}] stopped by {signal.Signals(stop.signum).name} after step "
+              f"{step}/{num_steps}; a checkpoint is saved in {checkpoints}. Run the same "
+              f"command again to resume", stop.signum)
+      manager.wait_until_finished()
   finally:
     manager.close()
   return state

@@ -1,0 +1,152 @@
+"""Faults during training: SIGKILL, SIGTERM/SIGINT, a corrupt checkpoint, divergence.
+
+The kill and signal tests run tests/train/fault_run.py in a subprocess and compare its
+final parameters, bit for bit, with an uninterrupted run of the same command.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.train.tiny import train_tiny
+from wh_errmap.train.loop import TrainingDivergedError
+from wh_errmap.train.sharding import make_mesh
+
+ROOT = Path(__file__).resolve().parents[2]
+NUM_STEPS = 8
+STEP_SECONDS = 0.4
+
+
+def fault_run(workdir: Path, step_seconds: float = STEP_SECONDS) -> subprocess.Popen:
+  return subprocess.Popen(
+      [sys.executable, "-m", "tests.train.fault_run", str(workdir), str(NUM_STEPS),
+       str(step_seconds)], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
+  out, err = proc.communicate(timeout=300)
+  return proc.returncode, out, err
+
+
+def wait_for_checkpoint(workdir: Path, step: int, proc: subprocess.Popen) -> None:
+  """Blocks until checkpoint `step` is complete (orbax renames it when finished)."""
+  deadline = time.monotonic() + 240
+  while not (workdir / "seg" / "checkpoints" / str(step)).is_dir():
+    if proc.poll() is not None:
+      raise AssertionError(f"run ended early: {proc.communicate()[1][-2000:]}")
+    if time.monotonic() > deadline:
+      proc.kill()
+      raise AssertionError("no checkpoint within 240 s")
+    time.sleep(0.05)
+
+
+def final_params(workdir: Path) -> list[np.ndarray]:
+  with np.load(workdir / "final_params.npz") as f:
+    return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> list[np.ndarray]:
+  workdir = tmp_path_factory.mktemp("straight")
+  code, _, err = finish(fault_run(workdir, step_seconds=0.0))
+  assert code == 0, err[-2000:]
+  return final_params(workdir)
+
+
+def assert_same(params: list[np.ndarray], reference: list[np.ndarray]) -> None:
+  assert len(params) == len(reference)
+  for a, b in zip(params, reference):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sigkill_then_same_command_gives_the_same_parameters(tmp_path, uninterrupted):
+  proc = fault_run(tmp_path)
+  wait_for_checkpoint(tmp_path, 2, proc)
+  # A random moment: during a step, a log line or a checkpoint being written.
+  time.sleep(random.uniform(0.0, 3 * STEP_SECONDS))
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert not (tmp_path / "final_params.npz").exists()
+  code, out, err = finish(fault_run(tmp_path, step_seconds=0.0))
+  assert code == 0, err[-2000:]
+  assert "resuming from the checkpoint at step" in out
+  assert_same(final_params(tmp_path), uninterrupted)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, uninterrupted, sig):
+  proc = fault_run(tmp_path)
+  wait_for_checkpoint(tmp_path, 2, proc)
+  proc.send_signal(sig)
+  code, _, err = finish(proc)
+  assert code == 128 + sig, err[-2000:]
+  lines = err.strip().splitlines()
+  assert lines[-1].startswith("error: [seg] stopped by " + signal.Signals(sig).name), lines
+  assert "Run the same command again to resume" in lines[-1]
+  stopped_at = int(lines[-1].split("after step ")[1].split("/")[0])
+  assert 2 <= stopped_at < NUM_STEPS
+  assert (tmp_path / "seg" / "checkpoints" / str(stopped_at)).is_dir()
+  code, out, err = finish(fault_run(tmp_path, step_seconds=0.0))
+  assert code == 0, err[-2000:]
+  assert f"resuming from the checkpoint at step {stopped_at}/" in out
+  assert_same(final_params(tmp_path), uninterrupted)
+
+
+def test_corrupt_newest_checkpoint_is_reported_and_skipped(tmp_path):
+  mesh = make_mesh(jax.devices()[:1])
+  straight = train_tiny(tmp_path / "a", mesh, num_steps=6, batch_size=2)
+  train_tiny(tmp_path / "b", mesh, num_steps=6, batch_size=2, stop_at=4, checkpoint_every=1)
+  newest = tmp_path / "b" / "seg" / "checkpoints" / "4"
+  victim = max((p for p in (newest / "state").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+  victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])   # truncated
+  messages = []
+  resumed = train_tiny(tmp_path / "b", mesh, num_steps=6, batch_size=2, checkpoint_every=1,
+                       progress=messages.append)
+  warning = next(m for m in messages if m.startswith("warning: checkpoint"))
+  assert str(newest) in warning and "unreadable" in warning
+  assert "[seg] resuming from the checkpoint at step 3/6" in messages
+  assert (tmp_path / "b" / "seg" / "corrupt_checkpoints" / "4").is_dir()
+  for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def poison_after(step: int):
+  """Wraps a step so that the parameters it returns are NaN from `step` (1-based) on."""
+  def wrap(step_fn):
+    def poisoned(state, batch, rng):
+      new_state, metrics = step_fn(state, batch, rng)
+      factor = jnp.where(state.step + 1 >= step, jnp.nan, 1.0)
+      return new_state.replace(params=jax.tree.map(lambda p: p * factor, new_state.params)), metrics
+    return poisoned
+  return wrap
+
+
+def test_nan_parameters_are_never_checkpointed(tmp_path):
+  """The loss is only checked at logged steps; the parameters before every checkpoint."""
+  with pytest.raises(TrainingDivergedError, match="model seg: the parameters are not finite "
+                                                   "at step 3") as info:
+    train_tiny(tmp_path, make_mesh(jax.devices()[:1]), num_steps=8, batch_size=2,
+               checkpoint_every=1, log_every=100, step_fn_wrapper=poison_after(3))
+  assert str(tmp_path / "seg" / "checkpoints") in str(info.value)
+  steps = sorted(int(p.name) for p in (tmp_path / "seg" / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert steps[-1] == 2
+
+
+def test_nan_loss_stops_at_the_logged_step(tmp_path):
+  with pytest.raises(TrainingDivergedError, match="model seg: the loss is nan at step 4"):
+    train_tiny(tmp_path, make_mesh(jax.devices()[:1]), num_steps=8, batch_size=2,
+               checkpoint_every=100, log_every=1, step_fn_wrapper=poison_after(3))

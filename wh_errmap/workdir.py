@@ -1,0 +1,119 @@
+"""A run's workdir: its recorded config, and checks that it can be written.
+
+`WORKDIR/config.json` records the settings a run was made with. Every later command on the
+same workdir (another stage, the next fold, a resume after a crash) must use the same
+settings, or checkpoints trained one way would silently be continued another way; only the
+fields in VOLATILE_FIELDS (which fold or stage to run, logging, output choices) may differ.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import ml_collections
+
+from wh_errmap.atomic import write_json
+from wh_errmap.errors import UserError
+from wh_errmap.progress import console
+
+CONFIG_FILE = "config.json"
+# Fields that select what a command does, not what a run computes.
+VOLATILE_FIELDS = frozenset({
+    "fold", "stage", "nifti", "cache_dir", "overwrite", "input.num_workers",
+    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints"})
+# Below this much free space a full run (checkpoints, NIfTI outputs) may not fit.
+LOW_DISK_BYTES = 2 * 1024**3
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flatten(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  """Dotted names of the non-volatile fields whose values differ (or exist in one only)."""
+  old, new = dict(_flatten(stored)), dict(_flatten(current))
+  # JSON turns tuples into lists; compare through JSON on both sides.
+  return sorted(key for key in set(old) | set(new)
+                if key not in VOLATILE_FIELDS
+                and json.dumps(old.get(key)) != json.dumps(new.get(key)))
+
+
+def check_writable(workdir: str | os.PathLike, progress: Callable[[str], None] = console) -> Path:
+  """Creates `workdir` and writes a probe file in it; a clear UserError if it cannot.
+
+  Warns when the disk holding it has less than LOW_DISK_BYTES free.
+  """
+  path = Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+      pass
+  except OSError as e:
+    raise UserError(f"cannot write to the workdir {path}: {e.strerror or e}") from None
+  free = shutil.disk_usage(path).free
+  if free < LOW_DISK_BYTES:
+    progress(f"warning: only {free / 1024**3:.1f} GB free on the disk of {path}; "
+             f"checkpoints and outputs may not fit")
+  return path
+
+
+def record_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict,
+                  progress: Callable[[str], None] = console) -> None:
+  """Writes the run's config once; refuses a config that differs from the recorded one.
+
+  With config.overwrite, a workdir recorded with other settings is moved aside to
+  `<workdir>.replaced-<time>` (nothing is deleted) and the run starts afresh.
+  """
+  path = Path(workdir) / CONFIG_FILE
+  current = json.loads(config.to_json())
+  if path.exists():
+    try:
+      stored = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+      raise UserError(f"{path} is unreadable ({e}); move it away or use a new --workdir") from None
+    changed = config_differences(stored, current)
+    if not changed:
+      return
+    if not config.get("overwrite", False):
+      shown = ", ".join(f"{k} (recorded {_value(stored, k)}, now {_value(current, k)})"
+                        for k in changed[:6])
+      more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+      raise UserError(f"{path}: this workdir was made with other settings: {shown}{more}. "
+                      f"Use a new --workdir, the recorded settings, or --overwrite to move "
+                      f"the old run aside and start afresh")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    aside = Path(workdir).absolute().with_name(f"{Path(workdir).absolute().name}.replaced-{stamp}")
+    shutil.move(str(Path(workdir)), aside)
+    progress(f"--overwrite: moved the previous run (settings differed: "
+             f"{', '.join(changed[:6])}) to {aside}")
+  check_writable(workdir, progress)
+  write_json(path, current)
+
+
+def _value(tree: dict[str, Any], key: str) -> str:
+  node: Any = tree
+  for part in key.split("."):
+    if not isinstance(node, dict) or part not in node:
+      return "unset"
+    node = node[part]
+  return json.dumps(node)
+
+
+def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  path = Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise UserError(f"{path} not found: --workdir must be a run made by "
+                    f"`launch.py --experiment=cv_fold` (or cv_fold_small)")
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except (OSError, json.JSONDecodeError) as e:
+    raise UserError(f"{path} is unreadable: {e}") from None
