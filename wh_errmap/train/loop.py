@@ -120,9 +120,10 @@ def restore_latest(directory: str | Path, state: TrainState, progress: Progress 
       # Orbax and TensorStore raise many exception types for damaged files.
       except Exception as e:  # noqa: BLE001
         aside = directory.parent / "corrupt_checkpoints" / str(step)
-        aside.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(aside, ignore_errors=True)
-        shutil.move(str(directory / str(step)), aside)
+        if jax.process_index() == 0:   # the checkpoint folder is shared by all processes
+          aside.parent.mkdir(parents=True, exist_ok=True)
+          shutil.rmtree(aside, ignore_errors=True)
+          shutil.move(str(directory / str(step)), aside)
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         progress(f"warning: checkpoint {directory / str(step)} is unreadable ({reason}); "
                  f"moved to {aside}, using the previous one")
@@ -217,6 +218,8 @@ def train(name: str, workdir: str | Path, *, state: TrainState, step_fn: StepFn,
   stop_at: end this run after that step (with a checkpoint) although the schedule runs to
     num_steps; a later run resumes there.
   """
+  if jax.process_index() != 0:   # one console for a multi-process run
+    progress = lambda _: None  # noqa: E731
   model_dir = Path(workdir) / name
   model_dir.mkdir(parents=True, exist_ok=True)
   metrics_path = model_dir / "metrics.jsonl"
@@ -224,7 +227,8 @@ def train(name: str, workdir: str | Path, *, state: TrainState, step_fn: StepFn,
   state, data_state, start = restore_latest(model_dir / "checkpoints", state, progress)
   if start is not None:
     iterator.set_state(_own_iterator_state(data_state))
-    _trim_metrics(metrics_path, start)
+    if jax.process_index() == 0:   # one writer of the shared metrics file
+      _trim_metrics(metrics_path, start)
     if start < num_steps:
       progress(f"[{name}] resuming from the checkpoint at step {start}/{num_steps}")
   start = start or 0
@@ -265,8 +269,9 @@ def train(name: str, workdir: str | Path, *, state: TrainState, step_fn: StepFn,
           rate = (step - step_last) / max(now - t_last, 1e-9)
           t_last, step_last = now, step
           record = {"step": step, **metrics, "steps_per_s": rate, "time_s": now - t_start}
-          with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+          if jax.process_index() == 0:
+            with metrics_path.open("a") as f:
+              f.write(json.dumps(record) + "\n")
           if step == start + 1:
             speed = f"first step incl. compilation {now - t_start:.1f} s"
           else:
