@@ -57,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.predictor.gt_probability = 0.1   # share of training samples that use the GT mask itself
   c.predictor.threshold = 0.5        # error probability above which a voxel counts as wrong
 
+  c.report = ml_collections.ConfigDict()
+  c.report.failure_dice = 0.75     # a mask with true Dice below this is a failure (AUROC)
+
   c.train = ml_collections.ConfigDict()
   c.train.seg3d = ml_collections.ConfigDict({"steps": 20000, "batch_size": 2})  # 3D crops
   c.train.seg2d = ml_collections.ConfigDict({"steps": 20000, "batch_size": 16})  # 2D slices

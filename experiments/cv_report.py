@@ -26,5 +26,6 @@ def get_config() -> ml_collections.ConfigDict:
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   # The error-map panels threshold the predicted probabilities at config.predictor.threshold.
   report = build_report(Path(workdir), num_folds=config.num_folds,
-                        threshold=config.predictor.threshold)
+                        threshold=config.predictor.threshold,
+                        failure_dice=config.report.failure_dice)
   console(f"report: {report} (tables and figures beside it)")

@@ -23,5 +23,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   start = time.perf_counter()
   cv_fold.run(config, workdir)
   report = build_report(workdir, num_folds=config.splits.num_folds,
-                        threshold=config.predictor.threshold)
+                        threshold=config.predictor.threshold,
+                        failure_dice=config.report.failure_dice)
   console(f"done in {(time.perf_counter() - start) / 60:.1f} min; the report is {report}")

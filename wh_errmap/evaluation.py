@@ -20,16 +20,24 @@ import numpy as np
 from wh_errmap.atomic import write_json, write_text
 from wh_errmap.data import MMWHS_CODES, NUM_CLASSES, STRUCTURES, save_nifti
 from wh_errmap.data.preprocess import PreprocessedCase, restore_to_original
-from wh_errmap.inference import error_probability, segment_volume
+from wh_errmap.inference import (error_probability, segment_volume,
+                                 segment_volume_with_uncertainty)
 from wh_errmap.masks import MASK_TYPES
 from wh_errmap.metrics import (binary_error_map, error_map_scores, quality_indicator,
                                segmentation_scores, soft_quality_indicator)
 from wh_errmap.models.voxresnet import OUTPUT_NAMES, VoxResNet
 from wh_errmap.progress import console
+from wh_errmap.qc_metrics import calibration_bins, predicted_dice
 
 Model = tuple[VoxResNet, Any]   # (module, variables)
-RECORD_FIELDS = ("case_id", "fold", "mask_type", "err_dsc", "err_acc", "err_prec", "err_recl",
-                 "seg_dsc", "seg_acc", "qi", "soft_qi", "true_acc")
+RECORD_FIELDS = (
+    "case_id", "fold", "mask_type", "err_dsc", "err_acc", "err_prec", "err_recl", "seg_dsc",
+    "seg_acc", "qi", "soft_qi", "true_acc", "pd_mean",
+    *(f"pd_{s}" for s in STRUCTURES), *(f"dsc_{s}" for s in STRUCTURES),
+    # The softmax-uncertainty baseline (auto masks only; NaN for the GT mask).
+    "base_err_dsc", "base_err_prec", "base_err_recl", "base_qi", "base_soft_qi", "base_pd_mean")
+CALIBRATION_FILE = "calibration.json"
+NUM_CALIBRATION_BINS = 10
 # With nifti="final", only these masks' volumes are written.
 FINAL_MASK_TYPES = ("3d-final", "2d-final", "gt")
 
@@ -78,20 +86,29 @@ def score_segmentors(segmentors: Mapping[str, tuple[VoxResNet, Any]],
   return "\n".join(rows + [f"(mean foreground Dice over {len(test_cases)} test cases; {path})"])
 
 
-def all_masks(segmentors: Mapping[str, Model], case: PreprocessedCase) -> dict[str, np.ndarray]:
-  """{mask type: (X, Y, Z) uint8} for the 10 auto masks and the GT of one case."""
-  masks = {}
+def all_masks(segmentors: Mapping[str, Model], case: PreprocessedCase,
+              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """The 10 auto masks and the GT of one case, and the auto masks' softmax uncertainty.
+
+  Returns ({mask type: (X, Y, Z) uint8}, {auto mask type: (X, Y, Z) float32 1 - max
+  softmax probability of the output that made it}).
+  """
+  masks, uncertainty = {}, {}
   for dims, name in (("3d", "seg3d"), ("2d", "seg2d")):
     model, variables = segmentors[name]
-    for output, mask in segment_volume(model, variables, case.image[..., None]).items():
-      masks[f"{dims}-{output}"] = mask
+    outputs = segment_volume_with_uncertainty(model, variables, case.image[..., None])
+    for output, (mask, unsure) in outputs.items():
+      masks[f"{dims}-{output}"], uncertainty[f"{dims}-{output}"] = mask, unsure
   masks["gt"] = case.label
-  return {mask_type: masks[mask_type] for mask_type in MASK_TYPES}
+  return {mask_type: masks[mask_type] for mask_type in MASK_TYPES}, uncertainty
 
 
 def score_masks(masks: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray],
-                label: np.ndarray, threshold: float) -> dict[str, dict[str, float]]:
-  """Error-map and segmentation scores of each mask against the label, plus QI."""
+                label: np.ndarray, threshold: float,
+                baseline: Mapping[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
+  """Error-map and segmentation scores of each mask against the label, QI, soft QI, the
+  predicted Dice per structure (qc_metrics.predicted_dice) beside the true one, and the
+  same QC scores of the softmax-uncertainty baseline for the masks in `baseline`."""
   types = list(masks)
   mask = np.stack([masks[t] for t in types]).astype(np.int32)
   prob = np.stack([probs[t] for t in types])
@@ -100,11 +117,58 @@ def score_masks(masks: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray]
   seg = segmentation_scores(mask, labels, NUM_CLASSES)
   qi = quality_indicator(prob, threshold)
   soft_qi = soft_quality_indicator(prob)
-  return {t: {"err_dsc": float(err["dsc"][i]), "err_acc": float(err["acc"][i]),
-              "err_prec": float(err["prec"][i]), "err_recl": float(err["recl"][i]),
-              "seg_dsc": float(seg["dsc"][i]), "seg_acc": float(seg["acc"][i]),
-              "qi": float(qi[i]), "soft_qi": float(soft_qi[i]), "true_acc": float(seg["acc"][i])}
-          for i, t in enumerate(types)}
+  scores = {}
+  for i, t in enumerate(types):
+    predicted = predicted_dice(mask[i], prob[i], NUM_CLASSES)
+    scores[t] = {
+        "err_dsc": float(err["dsc"][i]), "err_acc": float(err["acc"][i]),
+        "err_prec": float(err["prec"][i]), "err_recl": float(err["recl"][i]),
+        "seg_dsc": float(seg["dsc"][i]), "seg_acc": float(seg["acc"][i]),
+        "qi": float(qi[i]), "soft_qi": float(soft_qi[i]), "true_acc": float(seg["acc"][i]),
+        "pd_mean": _nanmean(predicted),
+        **{f"pd_{s}": float(v) for s, v in zip(STRUCTURES, predicted)},
+        **{f"dsc_{s}": float(v) for s, v in zip(STRUCTURES, np.asarray(seg["dsc_per_class"][i]))},
+        **_baseline_scores(mask[i], labels[i], (baseline or {}).get(t), threshold)}
+  return scores
+
+
+def _nanmean(values: np.ndarray) -> float:
+  """Mean over the structures with an estimate; NaN if none has one."""
+  values = np.asarray(values, np.float64)
+  return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+def _baseline_scores(mask: np.ndarray, label: np.ndarray, uncertainty: np.ndarray | None,
+                     threshold: float) -> dict[str, float]:
+  """The same error-map and QC scores for the softmax-uncertainty error map (NaN without)."""
+  if uncertainty is None:
+    return {k: float("nan") for k in ("base_err_dsc", "base_err_prec", "base_err_recl",
+                                      "base_qi", "base_soft_qi", "base_pd_mean")}
+  err = error_map_scores(binary_error_map(uncertainty[None], threshold), (mask != label)[None])
+  return {"base_err_dsc": float(err["dsc"][0]), "base_err_prec": float(err["prec"][0]),
+          "base_err_recl": float(err["recl"][0]),
+          "base_qi": float(quality_indicator(uncertainty[None], threshold)[0]),
+          "base_soft_qi": float(soft_quality_indicator(uncertainty[None])[0]),
+          "base_pd_mean": _nanmean(predicted_dice(mask, uncertainty, NUM_CLASSES))}
+
+
+class CalibrationCounts:
+  """Reliability-diagram bins of voxel error probabilities, summed over masks.
+
+  Kept per source ("predictor" on the auto masks, "predictor_gt" on the GT masks,
+  "baseline" = softmax uncertainty on the auto masks) and written to calibration.json.
+  """
+
+  def __init__(self):
+    self.bins: dict[str, dict[str, np.ndarray]] = {}
+
+  def add(self, source: str, prob: np.ndarray, error: np.ndarray) -> None:
+    new = calibration_bins(prob, error, NUM_CALIBRATION_BINS)
+    old = self.bins.get(source)
+    self.bins[source] = new if old is None else {k: old[k] + new[k] for k in new}
+
+  def to_json(self) -> dict[str, dict[str, list]]:
+    return {source: {k: v.tolist() for k, v in bins.items()} for source, bins in self.bins.items()}
 
 
 def write_predictions(directory: Path, case: PreprocessedCase, mask_type: str, mask: np.ndarray,
@@ -132,12 +196,18 @@ def evaluate_fold(segmentors: Mapping[str, Model], predictor: Model,
     raise ValueError(f"nifti must be 'all', 'final' or 'none', got {nifti!r}")
   model, variables = predictor
   records = []
+  calibration = CalibrationCounts()
   for i, case in enumerate(test_cases):
-    masks = all_masks(segmentors, case)
+    masks, uncertainty = all_masks(segmentors, case)
     image = case.image[..., None]
     probs = {t: np.asarray(error_probability(model, variables, image, m, NUM_CLASSES))
              for t, m in masks.items()}
-    scores = score_masks(masks, probs, case.label, threshold)
+    scores = score_masks(masks, probs, case.label, threshold, baseline=uncertainty)
+    for t, m in masks.items():
+      error = m != case.label
+      calibration.add("predictor_gt" if t == "gt" else "predictor", probs[t], error)
+      if t in uncertainty:
+        calibration.add("baseline", uncertainty[t], error)
     records += [{"case_id": case.case_id, "fold": fold, "mask_type": t, **scores[t]}
                 for t in masks]
     written = {"all": MASK_TYPES, "final": FINAL_MASK_TYPES, "none": ()}[nifti]
@@ -148,6 +218,7 @@ def evaluate_fold(segmentors: Mapping[str, Model], predictor: Model,
              f"{scores['3d-final']['seg_dsc']:.3f}, QI {scores['3d-final']['qi']:.4f} vs "
              f"accuracy {scores['3d-final']['true_acc']:.4f}")
   write_records(directory, records)
+  write_json(directory / CALIBRATION_FILE, calibration.to_json())
   write_json(directory / "test_cases.json", {
       case.case_id: {"image_path": case.properties["image_path"],
                      "label_path": case.properties["label_path"]} for case in test_cases})

@@ -43,6 +43,26 @@ def segment_volume(model: VoxResNet, variables: Any, image: np.ndarray) -> dict[
           for name, value in logits.items()}
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _labels_and_uncertainty(model: VoxResNet, variables: Any, image: jax.Array) -> dict:
+  logits = segment_logits(model, variables, image)
+  return {name: (jnp.argmax(value, axis=-1).astype(jnp.uint8),
+                 1.0 - jnp.max(jax.nn.softmax(value, axis=-1), axis=-1))
+          for name, value in logits.items()}
+
+
+def segment_volume_with_uncertainty(model: VoxResNet, variables: Any, image: np.ndarray,
+                                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{output: ((X, Y, Z) uint8 labels, (X, Y, Z) float32 1 - max softmax probability)}.
+
+  1 - max softmax is the segmentor's own, ground-truth-free estimate that a voxel of its
+  mask is wrong: the uncertainty baseline the learned error map is compared with.
+  """
+  outputs = _labels_and_uncertainty(model, variables, jnp.asarray(image))
+  return {name: (np.asarray(labels), np.asarray(uncertainty))
+          for name, (labels, uncertainty) in outputs.items()}
+
+
 @functools.partial(jax.jit, static_argnames=("model", "num_classes"))
 def error_probability(model: VoxResNet, variables: Any, image: jax.Array, mask: jax.Array,
                       num_classes: int) -> jax.Array:

@@ -25,7 +25,8 @@ CONFIG_FILE = "config.json"
 # Fields that select what a command does, not what a run computes.
 VOLATILE_FIELDS = frozenset({
     "fold", "stage", "nifti", "cache_dir", "overwrite", "input.num_workers",
-    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints"})
+    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "report.failure_dice"})
 # Below this much free space a full run (checkpoints, NIfTI outputs) may not fit.
 LOW_DISK_BYTES = 2 * 1024**3
 

@@ -11,7 +11,7 @@ from scipy import stats
 
 from experiments import cv_report
 from tests.conftest import blob_label
-from wh_errmap.data import MMWHS_CODES, save_nifti
+from wh_errmap.data import MMWHS_CODES, STRUCTURES, save_nifti
 from wh_errmap.errors import UserError
 from wh_errmap.evaluation import write_records
 from wh_errmap.masks import AUTO_MASK_TYPES, MASK_TYPES
@@ -25,7 +25,7 @@ CASES = {0: ["mr_train_1001", "mr_train_1002", "mr_train_1003"],
 PANEL_CASE = "mr_train_1002"
 PANEL_TYPES = ("3d-final", "2d-final", "gt")
 FIGURES = ("dsc_histogram.png", "error_panels.png", "qi_vs_acc.png", "qi_vs_dsc.png",
-           "training_curves.png")
+           "training_curves.png", "risk_coverage.png", "reliability.png")
 # An oblique header, so the panels must reorient predictions and scan alike.
 AFFINE = np.array([[-1.2, 0, 0, 30], [0, 0, 1.5, -10], [0, -1.1, 0, 5], [0, 0, 0, 1.0]])
 
@@ -44,7 +44,25 @@ def fake_records(fold: int, rng: np.random.Generator) -> list[dict]:
           "seg_dsc": 1.0 if gt else float(rng.uniform(0.2, 0.85)), "seg_acc": acc,
           "qi": acc + float(rng.normal(0, 0.004)), "soft_qi": acc + float(rng.normal(0, 0.006)),
           "true_acc": acc})
+      dsc = records[-1]["seg_dsc"]
+      records[-1].update({
+          "pd_mean": dsc + float(rng.normal(0, 0.03)),
+          **{f"pd_{s}": dsc + float(rng.normal(0, 0.05)) for s in STRUCTURES},
+          **{f"dsc_{s}": dsc for s in STRUCTURES},
+          **{f"base_{k}": (float("nan") if gt else float(rng.uniform(0.1, 0.9)))
+             for k in ("err_dsc", "err_prec", "err_recl", "qi", "soft_qi", "pd_mean")}})
   return records
+
+
+def write_calibration(fold_dir: Path) -> None:
+  """Bins where the predictor is calibrated and the baseline is not."""
+  count = [100] * 10
+  mids = [(b + 0.5) / 10 for b in range(10)]
+  (fold_dir / "calibration.json").write_text(json.dumps({
+      "predictor": {"count": count, "sum_prob": [100 * m for m in mids],
+                    "sum_error": [100 * m for m in mids]},
+      "baseline": {"count": count, "sum_prob": [100 * m for m in mids],
+                   "sum_error": [0.0] * 10}}))
 
 
 def write_curve(path: Path, steps: int) -> None:
@@ -87,6 +105,7 @@ def make_run(workdir: Path) -> dict[int, list[dict]]:
     for model in ("seg3d", "seg2d", "predictor"):
       write_curve(fold_dir / model / "metrics.jsonl", 200)
   write_panel_case(workdir / "fold0", workdir / "data")
+  write_calibration(workdir / "fold0")
   write_curve(workdir / "fold2" / "seg3d" / "metrics.jsonl", 50)
   return records
 
@@ -205,3 +224,31 @@ def test_cv_report_experiment(tmp_path, capsys):
   assert "](error_panels.png)" not in text
   assert not (tmp_path / "report" / "error_panels.png").exists()
   assert (tmp_path / "report" / "table1.md").is_file()
+
+
+def test_qc_statistics_in_the_report(run):
+  from wh_errmap import qc_metrics
+  workdir, records, _ = run
+  qc = json.loads((workdir / "report" / "qc_stats.json").read_text())
+  auto = [r for fold in records.values() for r in fold if r["mask_type"] != "gt"]
+  dice = np.array([r["seg_dsc"] for r in auto])
+  rows = {row["field"]: row for row in qc["all"]["scores"]}
+  for field in ("qi", "pd_mean", "base_qi"):
+    score = np.array([r[field] for r in auto])
+    assert rows[field]["n"] == len(auto) == 50   # 5 cases x 10 auto masks
+    assert rows[field]["pcc"] == pytest.approx(stats.pearsonr(score, dice)[0])
+    assert rows[field]["aurc"] == pytest.approx(qc_metrics.aurc(score, 1 - dice))
+    assert rows[field]["failure_auroc"] == pytest.approx(
+        qc_metrics.failure_auroc(score, dice, 0.75))
+  # The predicted Dice was made close to the true Dice, the baseline scores are noise.
+  assert rows["pd_mean"]["pcc"] > 0.9 > rows["base_pd_mean"]["pcc"]
+  assert rows["pd_mean"]["e_aurc"] < rows["base_qi"]["e_aurc"]
+  per_structure = {row["structure"]: row for row in qc["all"]["structures"]}
+  assert set(per_structure) == set(STRUCTURES) | {"mean"}
+  calibration = {row["error probabilities"]: row["ece"] for row in qc["all"]["calibration"]}
+  assert calibration["predictor, auto masks"] == pytest.approx(0.0, abs=1e-12)
+  assert calibration["softmax baseline, auto masks"] == pytest.approx(0.5)
+  assert qc["missing_calibration"] == [1]
+  report = (workdir / "report" / "report.md").read_text()
+  assert "## Beyond the paper" in report and "failure AUROC" in report
+  assert "Folds without calibration.json: [1]" in report

@@ -12,7 +12,7 @@ from typing import Sequence
 from wh_errmap.atomic import write_json, write_text
 from wh_errmap.errors import UserError
 from wh_errmap.masks import MASK_TYPES
-from wh_errmap.report import figures, panels, tables
+from wh_errmap.report import figures, panels, qc, tables
 from wh_errmap.report.folds import Fold, read_folds
 
 # Figure file -> one-line caption in report.md.
@@ -29,6 +29,11 @@ CAPTIONS = {
                         "original grid (masks are mapped back from the working grid, so even "
                         "the GT mask differs from the label along some boundaries); cf. paper "
                         "Fig. 3.",
+    "risk_coverage.png": "Risk-coverage curves on the auto masks: accepting masks from the "
+                         "best-scored down, the mean 1 - Dice of those accepted, for each "
+                         "quality score (dashed: softmax baseline; black: perfect ordering).",
+    "reliability.png": "Reliability diagram of the voxel error probabilities (10 bins): "
+                       "observed error rate against predicted probability, with the ECE.",
     "training_curves.png": "Training loss against step of the 3D and 2D segmentors and the "
                            "error-map predictor, one line per fold.",
 }
@@ -75,7 +80,7 @@ def _figure(name: str, title: str) -> list[str]:
 
 
 def _markdown(workdir: Path, folds: Sequence[Fold], table1_md: str, qi_md: str,
-              panels_drawn: bool, panel_notes: Sequence[str]) -> str:
+              panels_drawn: bool, panel_notes: Sequence[str], qc_md: str) -> str:
   """report.md: what was run, Table 1, QI statistics and the figures with captions."""
   lines = ["# Error-map prediction and segmentation quality assessment: cross-validation "
            "report", "",
@@ -94,10 +99,13 @@ def _markdown(workdir: Path, folds: Sequence[Fold], table1_md: str, qi_md: str,
             "QI = 1 - fraction of voxels predicted wrong estimates the mask's voxel accuracy "
             "without ground truth. Pearson correlation (PCC, two-sided p) and mean absolute "
             "error (MAE). Also in `qi_stats.json`.", "", qi_md,
+            qc_md + "Also in `qc_stats.json`.", "",
             "## Figures", ""]
   lines += _figure("dsc_histogram.png", "Dice of the generated masks")
   lines += _figure("qi_vs_acc.png", "QI vs true accuracy")
   lines += _figure("qi_vs_dsc.png", "QI vs true Dice")
+  lines += _figure("risk_coverage.png", "Risk-coverage curves")
+  lines += _figure("reliability.png", "Calibration of the error probabilities")
   if panels_drawn:
     lines += _figure("error_panels.png", "Error maps of representative cases")
   else:
@@ -107,7 +115,8 @@ def _markdown(workdir: Path, folds: Sequence[Fold], table1_md: str, qi_md: str,
   return "\n".join(lines)
 
 
-def build_report(workdir: str | Path, num_folds: int = 5, threshold: float = 0.5) -> Path:
+def build_report(workdir: str | Path, num_folds: int = 5, threshold: float = 0.5,
+                 failure_dice: float = 0.75) -> Path:
   """Writes Table 1, QI statistics, figures and report.md to `workdir/report/`.
 
   Args:
@@ -115,6 +124,7 @@ def build_report(workdir: str | Path, num_folds: int = 5, threshold: float = 0.5
     num_folds: folds the run should have (0..num_folds-1).
     threshold: error probability above which a voxel counts as predicted wrong in the
       error-map panels (the records hold the evaluation's scores).
+    failure_dice: a mask with a true Dice below this is a failure (failure AUROC).
   Returns:
     The path of report.md.
   Raises:
@@ -140,6 +150,15 @@ def build_report(workdir: str | Path, num_folds: int = 5, threshold: float = 0.5
   qi_md = tables.qi_markdown(stats)
   write_text(out / "qi_stats.md", qi_md)
 
+  bins = {f.index: json.loads((f.directory / "calibration.json").read_text()) for f in used
+          if (f.directory / "calibration.json").exists()}
+  qc_stats = qc.qc_statistics({f.index: f.records for f in used}, bins, failure_dice)
+  write_json(out / "qc_stats.json", qc_stats)
+  qc_md = qc.qc_markdown(qc_stats)
+  write_text(out / "qc_stats.md", qc_md)
+  qc.risk_coverage_figure(records, out / "risk_coverage.png")
+  qc.reliability_figure(qc.add_bins(list(bins.values())), out / "reliability.png")
+
   figures.dsc_histogram(records, out / "dsc_histogram.png")
   figures.qi_vs_acc(records, stats["all"], out / "qi_vs_acc.png")
   figures.qi_vs_dsc(records, stats["all"], out / "qi_vs_dsc.png")
@@ -150,5 +169,6 @@ def build_report(workdir: str | Path, num_folds: int = 5, threshold: float = 0.5
     (out / "error_panels.png").unlink(missing_ok=True)
 
   path = out / "report.md"
-  write_text(path, _markdown(workdir, folds, table1_md, qi_md, bool(panel_rows), panel_notes))
+  write_text(path, _markdown(workdir, folds, table1_md, qi_md, bool(panel_rows), panel_notes,
+                            qc_md))
   return path
