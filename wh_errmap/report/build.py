@@ -99,7 +99,7 @@ def _markdown(workdir: Path, folds: Sequence[Fold], table1_md: str, qi_md: str,
             "QI = 1 - fraction of voxels predicted wrong estimates the mask's voxel accuracy "
             "without ground truth. Pearson correlation (PCC, two-sided p) and mean absolute "
             "error (MAE). Also in `qi_stats.json`.", "", qi_md,
-            qc_md + "Also in `qc_stats.json`.", "",
+            qc_md, "Also in `qc_stats.json`.", "",
             "## Figures", ""]
   lines += _figure("dsc_histogram.png", "Dice of the generated masks")
   lines += _figure("qi_vs_acc.png", "QI vs true accuracy")
