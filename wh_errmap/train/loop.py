@@ -153,6 +153,8 @@ def _iterator_states(iterator: Any) -> dict[str, Any]:
 
 
 def _own_iterator_state(states: dict[str, Any]) -> Any:
+  if jax.process_count() == 1 and not any(k.startswith("process_") for k in states):
+    return states   # a single-process checkpoint written before states were gathered
   key = f"process_{jax.process_index()}"
   if key not in states:
     raise UserError(f"the checkpoint holds input states for {len(states)} process(es), not "
