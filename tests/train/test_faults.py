@@ -150,3 +150,9 @@ def test_nan_loss_stops_at_the_logged_step(tmp_path):
   with pytest.raises(TrainingDivergedError, match="model seg: the loss is nan at step 4"):
     train_tiny(tmp_path, make_mesh(jax.devices()[:1]), num_steps=8, batch_size=2,
                checkpoint_every=100, log_every=1, step_fn_wrapper=poison_after(3))
+
+
+def test_iterator_state_of_old_and_new_checkpoints():
+  from wh_errmap.train.loop import _own_iterator_state
+  assert _own_iterator_state({"next_index": 4}) == {"next_index": 4}   # before per-process
+  assert _own_iterator_state({"process_0": {"next_index": 5}}) == {"next_index": 5}
