@@ -189,6 +189,25 @@ def _stop_requested(stop: _StopSignals) -> bool:
   return bool(flags.max() > 0)
 
 
+def _barrier(key: str, timeout_s: int = 3600) -> None:
+  """Waits until every process reaches `key` (no-op with one process).
+
+  Processes finish compiling a step at different times, and gloo gives up on the first
+  collective inside the step if a peer is still compiling 30 s later. This barrier runs in
+  the distributed coordination service, with its own long timeout, not in a collective
+  (jax.experimental's serialization uses the same client call).
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed
+  client = distributed.global_state.client
+  if client is None:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(key)
+    return
+  client.wait_at_barrier(key, timeout_in_ms=timeout_s * 1000)
+
+
 def compile_step(step_fn: StepFn, mesh: jax.sharding.Mesh, *, with_frozen: bool) -> Callable:
   """The jitted step the loop runs: `(state, batch, base_rng, frozen) -> (state, metrics)`.
 
@@ -223,7 +242,10 @@ def train(name: str, workdir: str | Path, *, state: TrainState, step_fn: StepFn,
   if jax.process_index() != 0:   # one console for a multi-process run
     progress = lambda _: None  # noqa: E731
   model_dir = Path(workdir) / name
-  model_dir.mkdir(parents=True, exist_ok=True)
+  (model_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+  # Orbax synchronises processes (a collective) only when it creates the folder itself; a
+  # process that already sees the folder skips it, and the two processes deadlock.
+  _barrier(f"wh_errmap {name} folders")
   metrics_path = model_dir / "metrics.jsonl"
   iterator: Iterator = iter(dataset)
   state, data_state, start = restore_latest(model_dir / "checkpoints", state, progress)
@@ -261,8 +283,14 @@ def train(name: str, workdir: str | Path, *, state: TrainState, step_fn: StepFn,
 
   try:
     with _StopSignals() as stop:
+      batch = global_batch(mesh, next(iterator))
+      step_executable = compiled.lower(state, batch, base_rng, frozen).compile()
+      _barrier(f"wh_errmap {name} step {start + 1} compiled")
       for step in range(start + 1, last + 1):
-        state, metrics = compiled(state, global_batch(mesh, next(iterator)), base_rng, frozen)
+        if batch is None:
+          batch = global_batch(mesh, next(iterator))
+        state, metrics = step_executable(state, batch, base_rng, frozen)
+        batch = None
         if step % log_every == 0 or step == last or step == start + 1:
           metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
           if not np.isfinite(metrics["loss"]):
