@@ -306,38 +306,6 @@ def test_calibration_empty_and_bad_input():
     qc.calibration_bins(np.array([0.2, 0.3]), np.array([1]))
 
 
-# ---------------------------------------------------------------- softmax baseline
-
-def test_softmax_error_map():
-  probs = np.array([[0.98, 0.01, 0.01],  # confident
-                    [1 / 3, 1 / 3, 1 / 3],  # uniform
-                    [0.45, 0.40, 0.15],  # top below 0.5
-                    [0.5, 0.3, 0.2]])  # top exactly 0.5: not an error (strict)
-  error_prob, error_binary = qc.softmax_error_map(probs)
-  np.testing.assert_allclose(error_prob, [0.02, 2 / 3, 0.55, 0.5], atol=1e-12)
-  np.testing.assert_array_equal(error_binary, [False, True, True, False])
-  _, binary = qc.softmax_error_map(probs, threshold=0.4)
-  np.testing.assert_array_equal(binary, [False, True, False, False])
-
-
-def test_softmax_error_map_from_logits():
-  rng = np.random.default_rng(6)
-  logits = rng.normal(0, 3, (4, 3, 2, 8))
-  probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-  error_prob, error_binary = qc.softmax_error_map_from_logits(logits)
-  ref_prob, ref_binary = qc.softmax_error_map(probs)
-  assert error_prob.dtype == np.float64 and error_prob.shape == (4, 3, 2)
-  np.testing.assert_allclose(error_prob, ref_prob, rtol=1e-10, atol=1e-15)
-  np.testing.assert_array_equal(error_binary, ref_binary)
-  # Huge logits neither overflow nor lose the tiny error probability; equal logits give
-  # the uniform 1 - 1/K; float32 stays float32.
-  extreme = np.array([[1000.0, 0.0, 0.0], [-1000.0, -1060.0, -1060.0], [5.0, 5.0, 5.0]])
-  p, b = qc.softmax_error_map_from_logits(extreme.astype(np.float32))
-  assert p.dtype == np.float32
-  np.testing.assert_allclose(p, [0.0, 2 * np.exp(-60.0), 2 / 3], rtol=1e-5, atol=0)
-  np.testing.assert_array_equal(b, [False, False, True])
-
-
 # ---------------------------------------------------------------- correlations
 
 def test_correlations_against_numpy_and_scipy():

@@ -111,45 +111,42 @@ def score_masks(masks: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray]
   same QC scores of the softmax-uncertainty baseline for the masks in `baseline`."""
   types = list(masks)
   mask = np.stack([masks[t] for t in types]).astype(np.int32)
-  prob = np.stack([probs[t] for t in types])
   labels = np.broadcast_to(label.astype(np.int32), mask.shape)
-  err = error_map_scores(binary_error_map(prob, threshold), mask != labels)
   seg = segmentation_scores(mask, labels, NUM_CLASSES)
-  qi = quality_indicator(prob, threshold)
-  soft_qi = soft_quality_indicator(prob)
+  own = _error_map_qc(mask, labels, np.stack([probs[t] for t in types]), threshold)
+  baseline = baseline or {}
+  with_base = [i for i, t in enumerate(types) if t in baseline]
+  base = (_error_map_qc(mask[with_base], labels[with_base],
+                        np.stack([baseline[types[i]] for i in with_base]), threshold)
+          if with_base else {})
   scores = {}
   for i, t in enumerate(types):
-    predicted = predicted_dice(mask[i], prob[i], NUM_CLASSES)
+    j = with_base.index(i) if i in with_base else None
     scores[t] = {
-        "err_dsc": float(err["dsc"][i]), "err_acc": float(err["acc"][i]),
-        "err_prec": float(err["prec"][i]), "err_recl": float(err["recl"][i]),
+        **{k: float(own[k][i]) for k in ("err_dsc", "err_acc", "err_prec", "err_recl")},
         "seg_dsc": float(seg["dsc"][i]), "seg_acc": float(seg["acc"][i]),
-        "qi": float(qi[i]), "soft_qi": float(soft_qi[i]), "true_acc": float(seg["acc"][i]),
-        "pd_mean": _nanmean(predicted),
-        **{f"pd_{s}": float(v) for s, v in zip(STRUCTURES, predicted)},
+        "qi": float(own["qi"][i]), "soft_qi": float(own["soft_qi"][i]),
+        "true_acc": float(seg["acc"][i]), "pd_mean": float(own["pd_mean"][i]),
+        **{f"pd_{s}": float(v) for s, v in zip(STRUCTURES, own["pd"][i])},
         **{f"dsc_{s}": float(v) for s, v in zip(STRUCTURES, np.asarray(seg["dsc_per_class"][i]))},
-        **_baseline_scores(mask[i], labels[i], (baseline or {}).get(t), threshold)}
+        **{f"base_{k}": float("nan") if j is None else float(base[k][j])
+           for k in ("err_dsc", "err_prec", "err_recl", "qi", "soft_qi", "pd_mean")}}
   return scores
 
 
-def _nanmean(values: np.ndarray) -> float:
-  """Mean over the structures with an estimate; NaN if none has one."""
-  values = np.asarray(values, np.float64)
-  return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-
-
-def _baseline_scores(mask: np.ndarray, label: np.ndarray, uncertainty: np.ndarray | None,
-                     threshold: float) -> dict[str, float]:
-  """The same error-map and QC scores for the softmax-uncertainty error map (NaN without)."""
-  if uncertainty is None:
-    return {k: float("nan") for k in ("base_err_dsc", "base_err_prec", "base_err_recl",
-                                      "base_qi", "base_soft_qi", "base_pd_mean")}
-  err = error_map_scores(binary_error_map(uncertainty[None], threshold), (mask != label)[None])
-  return {"base_err_dsc": float(err["dsc"][0]), "base_err_prec": float(err["prec"][0]),
-          "base_err_recl": float(err["recl"][0]),
-          "base_qi": float(quality_indicator(uncertainty[None], threshold)[0]),
-          "base_soft_qi": float(soft_quality_indicator(uncertainty[None])[0]),
-          "base_pd_mean": _nanmean(predicted_dice(mask, uncertainty, NUM_CLASSES))}
+def _error_map_qc(mask: np.ndarray, labels: np.ndarray, prob: np.ndarray,
+                  threshold: float) -> dict[str, np.ndarray]:
+  """Scores of error maps (M, X, Y, Z) of masks (M, X, Y, Z) against their labels: err_*
+  (M,), qi, soft_qi (M,), pd (M, 7) predicted Dice per structure and pd_mean (M,), the mean
+  over the structures with an estimate (NaN if none has one)."""
+  err = error_map_scores(binary_error_map(prob, threshold), mask != labels)
+  pd = np.stack([predicted_dice(m, p, NUM_CLASSES) for m, p in zip(mask, prob)])
+  has_estimate = np.isfinite(pd).any(axis=1)
+  pd_mean = np.full(len(pd), np.nan)
+  pd_mean[has_estimate] = np.nanmean(pd[has_estimate], axis=1)
+  return {**{f"err_{k}": np.asarray(err[k]) for k in ("dsc", "acc", "prec", "recl")},
+          "qi": np.asarray(quality_indicator(prob, threshold)),
+          "soft_qi": np.asarray(soft_quality_indicator(prob)), "pd": pd, "pd_mean": pd_mean}
 
 
 class CalibrationCounts:

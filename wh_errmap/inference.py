@@ -38,9 +38,8 @@ def segment_logits(model: VoxResNet, variables: Any, image: jax.Array,
 
 def segment_volume(model: VoxResNet, variables: Any, image: np.ndarray) -> dict[str, np.ndarray]:
   """Label maps {"final", "side2".."side5"} -> (X, Y, Z) uint8 for a (X, Y, Z, 1) volume."""
-  logits = segment_logits(model, variables, jnp.asarray(image))
-  return {name: np.asarray(jnp.argmax(value, axis=-1).astype(jnp.uint8))
-          for name, value in logits.items()}
+  return {name: labels for name, (labels, _) in
+          segment_volume_with_uncertainty(model, variables, image).items()}
 
 
 @functools.partial(jax.jit, static_argnames=("model",))

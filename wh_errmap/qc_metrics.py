@@ -9,7 +9,6 @@ or of case-level vectors and return NumPy arrays or Python numbers.
   failure_auroc            how well a low score flags cases with Dice below a threshold
   calibration_bins,        voxel-level calibration of error probabilities: summable bin
   expected_calibration_error, reliability_curve   statistics, ECE and the reliability curve
-  softmax_error_map(_from_logits)  the segmentor-uncertainty baseline error map
   correlations             Pearson / Spearman / MAE between estimates and true values
 
 Policies shared by the case-level functions (risk_coverage, aurc, e_aurc, failure_auroc,
@@ -284,65 +283,6 @@ def reliability_curve(count: np.ndarray, sum_prob: np.ndarray,
   full = count > 0
   n = count[full]
   return sum_prob[full] / n, sum_error[full] / n, n
-
-
-# ---------------------------------------------------------------- uncertainty baseline
-
-def softmax_error_map(probs: np.ndarray,
-                      threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-  """Error map of the segmentor's own uncertainty: the baseline the predictor must beat.
-
-  The mask is the argmax of `probs`, so the segmentor's probability that a voxel is right
-  is max_k probs, and error_prob = 1 - max_k probs puts it on the predictor's scale of
-  "probability that the voxel is wrong" (it lies in [0, 1 - 1/K]). A voxel is flagged when
-  max_k probs < threshold, i.e. for threshold 0.5 when error_prob > 0.5, matching the
-  strict threshold of `metrics.binary_error_map`.
-
-  Args:
-    probs: (X, Y, Z, K) softmax probabilities (any leading axes; classes last).
-    threshold: a voxel is an error when its largest probability is strictly below this.
-  Returns:
-    (error_prob, error_binary): (X, Y, Z) in the float dtype of probs (float64 for
-    non-float input), and (X, Y, Z) bool.
-  """
-  probs = np.asarray(probs)
-  if probs.ndim < 1 or probs.shape[-1] < 1:
-    raise ValueError(f"probs needs a class axis last, got shape {probs.shape}")
-  if not np.issubdtype(probs.dtype, np.floating):
-    probs = probs.astype(np.float64)
-  top = probs.max(axis=-1)
-  return 1 - top, top < threshold
-
-
-def softmax_error_map_from_logits(logits: np.ndarray,
-                                  threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-  """`softmax_error_map` of softmax(logits), computed stably.
-
-  With m = max_k logits and o = sum over the non-argmax classes of exp(logit_k - m) (every
-  term <= 1, no overflow), the top probability is 1 / (1 + o) and the error probability
-  1 - 1 / (1 + o) = o / (1 + o), which keeps full relative precision for confident voxels
-  where 1 - max_k probs would round to 0.
-
-  Args:
-    logits: (X, Y, Z, K) unnormalised class scores (any leading axes; classes last).
-    threshold: a voxel is an error when its softmax top probability is strictly below this.
-  Returns:
-    (error_prob, error_binary): (X, Y, Z) float64 for float64 logits, else float32; and
-    (X, Y, Z) bool.
-  """
-  logits = np.asarray(logits)
-  if logits.ndim < 1 or logits.shape[-1] < 1:
-    raise ValueError(f"logits need a class axis last, got shape {logits.shape}")
-  dtype = np.float64 if logits.dtype == np.float64 else np.float32
-  logits = logits.astype(dtype, copy=False)
-  top = np.argmax(logits, axis=-1)[..., None]
-  shifted = np.exp(logits - np.take_along_axis(logits, top, axis=-1))
-  # Removing the argmax term (exactly exp(0) = 1) instead of subtracting 1 from the full
-  # sum keeps tiny o exact; ties at the max keep their other terms of 1.
-  np.put_along_axis(shifted, top, 0, axis=-1)
-  others = shifted.sum(axis=-1)
-  top_prob = 1 / (1 + others)
-  return others / (1 + others), top_prob < threshold
 
 
 # ---------------------------------------------------------------- correlations

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from wh_errmap.inference import error_probability, segment_logits
+from wh_errmap.metrics import quality_indicator
 from wh_errmap.train.loop import compile_step
 from wh_errmap.train.sharding import global_batch, make_mesh, replicated
 from wh_errmap.train.state import create_state, make_model, make_optimizer
@@ -148,15 +149,21 @@ class StepBench:
     self.dtype = self.models["seg3d"].dtype
     self.peak = peak_flops(jax.devices()[0], self.dtype)
     self.np_rng = np.random.default_rng(config.seed)
+    self._initialised: dict[str, dict[str, Any]] = {}
 
   def _state(self, model_name: str, crop: Sequence[int], batch: int, channels: int):
     tx = make_optimizer(self.config.optim, 1000)
     rng = jax.random.key(self.config.seed + len(model_name))
     return create_state(self.models[model_name], tx, (batch, *crop, channels), rng, self.mesh)
 
-  def _variables(self, model_name: str, crop: Sequence[int], channels: int) -> dict[str, Any]:
-    state = self._state(model_name, crop, 1, channels)
-    return {"params": state.params, "batch_stats": state.batch_stats}
+  def _variables(self, model_name: str) -> dict[str, Any]:
+    """Random {"params", "batch_stats"} of a model, made once (they do not depend on sizes)."""
+    if model_name not in self._initialised:
+      model = self.models[model_name]
+      channels = 1 + NUM_CLASSES if model_name == "predictor" else 1
+      state = self._state(model_name, (8,) * model.spatial_dims, 1, channels)
+      self._initialised[model_name] = {"params": state.params, "batch_stats": state.batch_stats}
+    return self._initialised[model_name]
 
   def _result(self, step: str, batch: int, crop: Sequence[int], seconds: float,
               compiled: Any, note: str = "") -> Result:
@@ -172,9 +179,8 @@ class StepBench:
       fn = make_predictor_step(self.models["predictor"], self.models["seg3d"],
                                self.models["seg2d"], self.config.loss,
                                self.config.predictor.gt_probability, NUM_CLASSES)
-      frozen = jax.device_put({"seg3d": self._variables("seg3d", crop, 1),
-                               "seg2d": self._variables("seg2d", crop[:2], 1)},
-                              replicated(self.mesh))
+      frozen = jax.device_put({"seg3d": self._variables("seg3d"),
+                               "seg2d": self._variables("seg2d")}, replicated(self.mesh))
     else:
       model_name = step.removesuffix("_train")
       spatial = 3 if model_name == "seg3d" else 2
@@ -193,9 +199,7 @@ class StepBench:
   def inference(self) -> Result:
     """Times one case: both segmentors' outputs, the error map of the 3D mask and its QI."""
     volume = tuple(self.config.preprocess.crop_size)
-    variables = {"seg3d": self._variables("seg3d", volume, 1),
-                 "seg2d": self._variables("seg2d", volume[:2], 1),
-                 "predictor": self._variables("predictor", volume, 1 + NUM_CLASSES)}
+    variables = {name: self._variables(name) for name in ("seg3d", "seg2d", "predictor")}
     threshold = self.config.predictor.threshold
     models = self.models
 
@@ -207,7 +211,7 @@ class StepBench:
       error = error_probability(models["predictor"], variables["predictor"], image, mask,
                                 NUM_CLASSES)
       masks2d = {k: jnp.argmax(v, -1).astype(jnp.uint8) for k, v in logits2d.items()}
-      return {"qi": 1.0 - jnp.mean(error > threshold), "masks2d": masks2d}
+      return {"qi": quality_indicator(error[None], threshold)[0], "masks2d": masks2d}
 
     image = jnp.asarray(synthetic_batch(self.np_rng, 1, volume)["image"][0])
     compiled = per_case.lower(variables, image).compile()

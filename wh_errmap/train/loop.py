@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from wh_errmap.errors import UserError
 from wh_errmap.train.sharding import data_sharded, global_batch, replicated
@@ -142,7 +143,6 @@ def _iterator_states(iterator: Any) -> dict[str, Any]:
   local = iterator.get_state()
   if jax.process_count() == 1:
     return {"process_0": local}
-  from jax.experimental import multihost_utils
   encoded = np.frombuffer(json.dumps(local).encode(), np.uint8)
   sizes = multihost_utils.process_allgather(np.int32(encoded.size))
   padded = np.zeros(int(sizes.max()), np.uint8)
@@ -182,7 +182,6 @@ def _stop_requested(stop: _StopSignals) -> bool:
   save, at the same step."""
   if jax.process_count() == 1:
     return stop.signum is not None
-  from jax.experimental import multihost_utils
   flags = multihost_utils.process_allgather(np.int32(stop.signum or 0))
   if stop.signum is None and flags.max() > 0:
     stop.signum = int(flags.max())
@@ -197,15 +196,9 @@ def _barrier(key: str, timeout_s: int = 3600) -> None:
   the distributed coordination service, with its own long timeout, not in a collective
   (jax.experimental's serialization uses the same client call).
   """
-  if jax.process_count() == 1:
-    return
-  from jax._src import distributed
-  client = distributed.global_state.client
-  if client is None:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(key)
-    return
-  client.wait_at_barrier(key, timeout_in_ms=timeout_s * 1000)
+  if jax.process_count() > 1:
+    from jax._src import distributed   # set by jax.distributed.initialize
+    distributed.global_state.client.wait_at_barrier(key, timeout_in_ms=timeout_s * 1000)
 
 
 def compile_step(step_fn: StepFn, mesh: jax.sharding.Mesh, *, with_frozen: bool) -> Callable:
@@ -242,13 +235,14 @@ def train(name: str, workdir: str | Path, *, state: TrainState, step_fn: StepFn,
   if jax.process_index() != 0:   # one console for a multi-process run
     progress = lambda _: None  # noqa: E731
   model_dir = Path(workdir) / name
-  (model_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+  checkpoints = model_dir / "checkpoints"
+  checkpoints.mkdir(parents=True, exist_ok=True)
   # Orbax synchronises processes (a collective) only when it creates the folder itself; a
   # process that already sees the folder skips it, and the two processes deadlock.
   _barrier(f"wh_errmap {name} folders")
   metrics_path = model_dir / "metrics.jsonl"
   iterator: Iterator = iter(dataset)
-  state, data_state, start = restore_latest(model_dir / "checkpoints", state, progress)
+  state, data_state, start = restore_latest(checkpoints, state, progress)
   if start is not None:
     iterator.set_state(_own_iterator_state(data_state))
     if jax.process_index() == 0:   # one writer of the shared metrics file
@@ -264,11 +258,10 @@ def train(name: str, workdir: str | Path, *, state: TrainState, step_fn: StepFn,
   compiled = compile_step(step_fn, mesh, with_frozen=frozen is not None)
   if frozen is not None:
     frozen = jax.device_put(frozen, replicated(mesh))
-  manager = _checkpoint_manager(model_dir / "checkpoints", keep_checkpoints)
+  manager = _checkpoint_manager(checkpoints, keep_checkpoints)
   last = num_steps if stop_at is None else min(stop_at, num_steps)
   progress(f"[{name}] training steps {start + 1}..{last} of {num_steps} on {mesh.size} device(s)")
   t_last, step_last, t_start = time.perf_counter(), start, time.perf_counter()
-  checkpoints = model_dir / "checkpoints"
 
   def diverged(what: str, step: int) -> TrainingDivergedError:
     return TrainingDivergedError(
