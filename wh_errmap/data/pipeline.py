@@ -11,23 +11,24 @@ not depend on the number of workers (batching runs after the prefetch, in the ma
 
 Augmentations work on one sample and take an explicit `np.random.Generator`:
 `RandAxialSlice` (2D only), `RandAffineCrop` (random crop + isotropic scaling + padding,
-resampling only the crop-sized output) and `RandFlip`.
+resampling only the crop-sized output) and `RandFlip`. Each splits into `draw` (the random
+parameters, from the generator) and `apply` (the arrays, deterministic); calling it does both.
+`train_dataset(..., output="params")` yields only the draws, so that the crops can be computed
+on the device from volumes held there (`device_crops.crop_batch`).
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import grain
 import jax
 import numpy as np
 from scipy import ndimage
 
-# Intensity of the background after preprocessing; padding uses it so padded voxels look
-# like air rather than tissue.
-IMAGE_PAD_VALUE = -1.0
-LABEL_PAD_VALUE = 0
+# The pad values live with the device crops, which must compute the same crops without scipy.
+from wh_errmap.data.device_crops import IMAGE_PAD_VALUE, LABEL_PAD_VALUE, training_volumes
 
 
 class PreprocessedCase(Protocol):
@@ -44,10 +45,17 @@ class RandAxialSlice:
   (X, Y, Z) image and label -> (X, Y) image and label (views, no copy).
   """
 
+  def draw(self, depth: int, rng: np.random.Generator) -> int:
+    """The slice z in [0, depth) of a volume with `depth` axial slices."""
+    return int(rng.integers(depth))
+
+  def apply(self, image: np.ndarray, label: np.ndarray,
+            z: int) -> tuple[np.ndarray, np.ndarray]:
+    return image[..., z], label[..., z]
+
   def __call__(self, image: np.ndarray, label: np.ndarray,
                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    z = int(rng.integers(image.shape[-1]))
-    return image[..., z], label[..., z]
+    return self.apply(image, label, self.draw(image.shape[-1], rng))
 
 
 class RandAffineCrop:
@@ -73,20 +81,28 @@ class RandAffineCrop:
     self.crop_size = tuple(int(c) for c in crop_size)
     self.scale_range = (float(lo), float(hi))
 
-  def __call__(self, image: np.ndarray, label: np.ndarray,
-               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """image (*S) float32, label (*S) integer -> image (*crop_size) float32, label (*crop_size)
-    with label's dtype; len(S) == len(crop_size)."""
-    if image.ndim != len(self.crop_size):
-      raise ValueError(f"crop_size {self.crop_size} does not match a volume of shape {image.shape}")
+  def draw(self, shape: Sequence[int],
+           rng: np.random.Generator) -> tuple[float, tuple[int, ...]]:
+    """The scale s and the origin o (one int per axis) of a crop of a volume of `shape`."""
+    if len(shape) != len(self.crop_size):
+      raise ValueError(f"crop_size {self.crop_size} does not match a volume of shape {shape}")
     scale = rng.uniform(*self.scale_range)
     origin = []
-    for dim, crop in zip(image.shape, self.crop_size):
+    for dim, crop in zip(shape, self.crop_size):
       # Last origin at which the region [o, o + (crop - 1) / s] still ends inside the volume;
       # negative when the region is longer than the volume.
       last = dim - 1 - (crop - 1) / scale
       low, high = (0, int(np.floor(last))) if last >= 0 else (int(np.ceil(last)), 0)
       origin.append(int(rng.integers(low, high + 1)))
+    return scale, tuple(origin)
+
+  def apply(self, image: np.ndarray, label: np.ndarray, scale: float,
+            origin: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """image (*S) float32, label (*S) integer -> image (*crop_size) float32, label (*crop_size)
+    with label's dtype; len(S) == len(crop_size) == len(origin)."""
+    if image.ndim != len(self.crop_size) or len(origin) != image.ndim:
+      raise ValueError(f"crop_size {self.crop_size} and origin {tuple(origin)} do not match a "
+                       f"volume of shape {image.shape}")
     # A 1-D matrix selects scipy's separable (diagonal) path, cheaper than a full affine.
     matrix = np.full(image.ndim, 1.0 / scale)
     image = ndimage.affine_transform(
@@ -97,6 +113,10 @@ class RandAffineCrop:
         mode="grid-constant", cval=LABEL_PAD_VALUE, prefilter=False)
     return image, label
 
+  def __call__(self, image: np.ndarray, label: np.ndarray,
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    return self.apply(image, label, *self.draw(image.shape, rng))
+
 
 class RandFlip:
   """Flips image and label together along each of `axes`, each with probability 0.5."""
@@ -104,37 +124,85 @@ class RandFlip:
   def __init__(self, axes: Sequence[int]):
     self.axes = tuple(int(a) for a in axes)
 
-  def __call__(self, image: np.ndarray, label: np.ndarray,
-               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  def draw(self, rng: np.random.Generator) -> np.ndarray:
+    """(len(axes),) bool: whether to flip along each of `axes`."""
+    return rng.random(len(self.axes)) < 0.5
+
+  def apply(self, image: np.ndarray, label: np.ndarray,
+            flips: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:
     """image, label: arrays of equal shape -> the same shapes (views)."""
-    flips = rng.random(len(self.axes)) < 0.5
     axes = tuple(a for a, flip in zip(self.axes, flips) if flip)
     if axes:
       image, label = np.flip(image, axes), np.flip(label, axes)
     return image, label
 
+  def __call__(self, image: np.ndarray, label: np.ndarray,
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    return self.apply(image, label, self.draw(rng))
 
-class _TrainSample:
-  """grain random map: case index -> one augmented sample.
 
-  A class (not a closure) so that grain can pickle it into worker processes; it carries
-  only the arrays of this shard's cases.
+class _TrainParams:
+  """grain random map: index of a case in this shard -> the random parameters of one sample.
+
+  A class (not a closure) so that grain can pickle it into worker processes; it carries only
+  the shapes of this shard's cases (and, in _TrainSample, their arrays).
   """
 
-  def __init__(self, volumes: Sequence[tuple[np.ndarray, np.ndarray]], crop_size: Sequence[int],
-               scale_range: tuple[float, float], flip_axes: Sequence[int]):
-    self.volumes = volumes
+  def __init__(self, shapes: Sequence[tuple[int, ...]], crop_size: Sequence[int],
+               scale_range: tuple[float, float], flip_axes: Sequence[int],
+               shard_index: int, shard_count: int):
+    self.shapes = [tuple(shape) for shape in shapes]
     self.slice = RandAxialSlice() if len(crop_size) == 2 else None
     self.crop = RandAffineCrop(crop_size, scale_range)
     self.flip = RandFlip(flip_axes)
+    self.shard_index, self.shard_count = shard_index, shard_count
+
+  def draw(self, index: int, rng: np.random.Generator
+           ) -> tuple[int | None, float, tuple[int, ...], np.ndarray]:
+    """-> (axial slice z, None for 3D crops; scale; origin; flips along flip_axes).
+
+    The one place that fixes the order of the draws: both outputs of train_dataset use it.
+    """
+    shape = self.shapes[index]
+    z = None
+    if self.slice is not None:
+      z = self.slice.draw(shape[-1], rng)
+      shape = shape[:-1]
+    scale, origin = self.crop.draw(shape, rng)
+    return z, scale, origin, self.flip.draw(rng)
+
+  def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """-> {"case": () int32, index into all cases (not the shard); "scale": () float32;
+    "origin": (d,) int32; "flip": (d,) bool, per crop axis; and for 2D crops "slice": () int32}.
+    """
+    z, scale, origin, flips = self.draw(index, rng)
+    flip = np.zeros(len(self.crop.crop_size), bool)
+    flip[list(self.flip.axes)] = flips
+    # Shard i of n holds cases[i::n] (shard_cases).
+    params = {"case": np.int32(self.shard_index + index * self.shard_count),
+              "scale": np.float32(scale), "origin": np.asarray(origin, np.int32), "flip": flip}
+    if z is not None:
+      params["slice"] = np.int32(z)
+    return params
+
+
+class _TrainSample(_TrainParams):
+  """grain random map: index of a case in this shard -> one augmented sample, on the host."""
+
+  def __init__(self, volumes: Sequence[tuple[np.ndarray, np.ndarray]], crop_size: Sequence[int],
+               scale_range: tuple[float, float], flip_axes: Sequence[int]):
+    super().__init__([image.shape for image, _ in volumes], crop_size, scale_range, flip_axes,
+                     shard_index=0, shard_count=1)
+    self.volumes = volumes
 
   def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """-> {"image": (*crop_size, 1) float32, "label": (*crop_size) int32}."""
+    z, scale, origin, flips = self.draw(index, rng)
     image, label = self.volumes[index]
-    if self.slice is not None:
-      image, label = self.slice(image, label, rng)
-    image, label = self.crop(image, label, rng)
-    image, label = self.flip(image, label, rng)
+    if z is not None:
+      image, label = self.slice.apply(image, label, z)
+    image, label = self.crop.apply(image, label, scale, origin)
+    image, label = self.flip.apply(image, label, flips)
     return {"image": np.ascontiguousarray(image[..., None]),
             "label": label.astype(np.int32)}
 
@@ -154,7 +222,8 @@ def train_dataset(cases: Sequence[PreprocessedCase], *, crop_size: Sequence[int]
                   scale_range: tuple[float, float] = (0.9, 1.1),
                   flip_axes: Sequence[int] | None = None,
                   shard_index: int | None = None, shard_count: int | None = None,
-                  num_workers: int = 0, num_threads: int = 4) -> grain.IterDataset:
+                  num_workers: int = 0, num_threads: int = 4,
+                  output: Literal["crops", "params"] = "crops") -> grain.IterDataset:
   """An infinite stream of augmented training batches from this process's shard of `cases`.
 
   Each epoch visits every case of the shard once, in a shuffled order that changes per epoch;
@@ -162,8 +231,13 @@ def train_dataset(cases: Sequence[PreprocessedCase], *, crop_size: Sequence[int]
   and a 2D crop of it when len(crop_size) == 2 (see RandAffineCrop for crop, scaling and
   padding), then random flips along `flip_axes` (axes of the crop; default all).
 
-  Batches: {"image": (batch_size, *crop_size, 1) float32, "label": (batch_size, *crop_size)
-  int32}; batch_size is per process. shard_index / shard_count default to
+  Batches with output="crops": {"image": (batch_size, *crop_size, 1) float32, "label":
+  (batch_size, *crop_size) int32}. With output="params", the same samples (same graph, seed and
+  draws) as their random parameters, for `device_crops.crop_batch`, with d = len(crop_size):
+  {"case": (batch_size,) int32 index into `cases` (all of them, not this shard), "scale":
+  (batch_size,) float32, "origin": (batch_size, d) int32, "flip": (batch_size, d) bool, and for
+  2D crops "slice": (batch_size,) int32 axial slice}; no resampling runs on the host then.
+  batch_size is per process. shard_index / shard_count default to
   jax.process_index() / jax.process_count(). Shards get different augmentation streams.
 
   num_threads: threads computing samples in each process (the main one, or each of
@@ -180,25 +254,24 @@ def train_dataset(cases: Sequence[PreprocessedCase], *, crop_size: Sequence[int]
   if num_workers < 0 or num_threads < 0:
     raise ValueError(f"num_workers and num_threads must be >= 0, got {num_workers}, {num_threads}")
   flip_axes = tuple(range(len(crop_size))) if flip_axes is None else tuple(flip_axes)
-  if any(not 0 <= a < len(crop_size) for a in flip_axes):
-    raise ValueError(f"flip_axes {flip_axes} are not axes of a {len(crop_size)}D crop")
+  if any(not 0 <= a < len(crop_size) for a in flip_axes) or len(set(flip_axes)) < len(flip_axes):
+    raise ValueError(f"flip_axes {flip_axes} are not distinct axes of a {len(crop_size)}D crop")
+  if output not in ("crops", "params"):
+    raise ValueError(f'output must be "crops" or "params", got {output!r}')
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count
   shard = shard_cases(cases, shard_index, shard_count)
   if not shard:
     raise ValueError(f"shard {shard_index} of {shard_count} has no cases ({len(cases)} in all)")
-  volumes = []
-  for case in shard:
-    if case.label is None:
-      raise ValueError(f"case {case.case_id} has no label; training needs labels")
-    if case.image.ndim != 3 or case.label.shape != case.image.shape:
-      raise ValueError(f"case {case.case_id}: image {case.image.shape} and label "
-                       f"{case.label.shape} must be equal (X, Y, Z) shapes")
-    volumes.append((np.asarray(case.image, np.float32), np.asarray(case.label)))
+  volumes = training_volumes(shard)
 
   # Mixing the shard into the seed decorrelates the augmentations of different hosts.
   shard_seed = int(np.random.SeedSequence([seed, shard_index]).generate_state(1)[0])
-  sample = _TrainSample(volumes, crop_size, scale_range, flip_axes)
+  if output == "crops":
+    sample = _TrainSample(volumes, crop_size, scale_range, flip_axes)
+  else:
+    sample = _TrainParams([image.shape for image, _ in volumes], crop_size, scale_range,
+                          flip_axes, shard_index, shard_count)
   # grain's default read options (16 threads, 500 elements read ahead) buffer gigabytes of
   # crops while a slow training step runs; two batches ahead keep the accelerator fed.
   read_options = grain.ReadOptions(num_threads=num_threads,
@@ -228,7 +301,8 @@ def measure_rate(dataset: Iterable[dict[str, np.ndarray]], num_batches: int) -> 
   """Throughput of a batch stream over `num_batches` batches after one warm-up batch.
 
   Returns {"samples_per_s", "batches_per_s", "mvoxels_per_s", "seconds", "num_batches"};
-  voxels count the image's spatial voxels.
+  voxels count the image's spatial voxels (0 for a stream of crop parameters,
+  `train_dataset(..., output="params")`, whose samples are counted by their case index).
   """
   if num_batches < 1:
     raise ValueError(f"num_batches must be positive, got {num_batches}")
@@ -238,9 +312,12 @@ def measure_rate(dataset: Iterable[dict[str, np.ndarray]], num_batches: int) -> 
     samples = voxels = 0
     start = time.perf_counter()
     for _ in range(num_batches):
-      image = next(it)["image"]
-      samples += image.shape[0]
-      voxels += image.size // image.shape[-1]
+      batch = next(it)
+      if "image" in batch:
+        samples += batch["image"].shape[0]
+        voxels += batch["image"].size // batch["image"].shape[-1]
+      else:
+        samples += batch["case"].shape[0]
     seconds = time.perf_counter() - start
   finally:
     if hasattr(it, "close"):
