@@ -1,7 +1,7 @@
 """Entry point: `python launch.py --experiment=NAME [--fold=k] [--set=field=value ...]`.
 
 Each experiment lives in experiments/NAME.py (get_config + run). Flags below override the
-config field of the same name; `--set` reaches any field, e.g. `--set=input.batch_size=4`.
+config field of the same name; `--set` reaches any field, e.g. `--set=train.seg3d.batch_size=4`.
 """
 import sys
 

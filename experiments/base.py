@@ -23,13 +23,24 @@ def get_config() -> ml_collections.ConfigDict:
   c.splits = ml_collections.ConfigDict()
   c.splits.num_folds = 5   # 5-fold cross-validation as in the paper
 
-  c.input = ml_collections.ConfigDict()
+  c.input = ml_collections.ConfigDict(type_safe=False)   # on_device: bool or "auto"
   c.input.crop_3d = (96, 96, 80)     # 3D training crops (paper)
   c.input.crop_2d = (96, 96)         # 2D training slices
   c.input.crop_predictor = (96, 96, 80)  # the predictor's training crops
-  c.input.batch_size = 2             # global batch, split over all devices
   c.input.scale_range = (0.9, 1.1)   # random isotropic scaling
   c.input.num_workers = 0            # grain worker processes; 0 = in the main process
+  # Where training crops are made: True = inside the jitted step from the training set
+  # held in device memory (grain yields only each sample's case and random parameters);
+  # False = on the host (grain + scipy); "auto" = on the device on GPU/TPU when the set
+  # takes at most a quarter of its memory, else on the host.
+  c.input.on_device = "auto"
+
+  # how a training batch is laid out on the devices (not type-safe: space is an int or "auto")
+  c.mesh = ml_collections.ConfigDict(type_safe=False)
+  # Devices each volume is split over (along X; XLA exchanges the halos of the
+  # convolutions): the batch goes over devices / space rows. 1 = plain data parallelism;
+  # "auto" = the fewest that lets the batch split over the rest (batch 2 on 8 devices: 4).
+  c.mesh.space = 1
 
   c.model = ml_collections.ConfigDict()   # VoxResNet, shared by segmentors and predictor
   c.model.width1 = 32          # channels of conv1a/conv1b (paper)
@@ -48,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.schedule = "cosine"       # "cosine" decay to final_lr_fraction, or "constant"
   c.optim.final_lr_fraction = 0.01  # end of the cosine schedule, relative to the peak
   c.optim.weight_decay = 0.0        # decoupled weight decay (0 = plain Adam, as the paper)
+  # With train.*.per_device_batch_size, the learning rate is scaled by this rule from the
+  # configured batch_size to the global batch: "sqrt" (Adam), "linear" (SGD) or "none".
+  c.optim.lr_scaling = "sqrt"
 
   c.loss = ml_collections.ConfigDict()
   c.loss.side_weights = (1.0, 1.0, 1.0, 1.0)  # deep supervision, side outputs 2..5
@@ -61,9 +75,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.report.failure_dice = 0.75     # a mask with true Dice below this is a failure (AUROC)
 
   c.train = ml_collections.ConfigDict()
-  c.train.seg3d = ml_collections.ConfigDict({"steps": 20000, "batch_size": 2})  # 3D crops
-  c.train.seg2d = ml_collections.ConfigDict({"steps": 20000, "batch_size": 16})  # 2D slices
-  c.train.predictor = ml_collections.ConfigDict({"steps": 20000, "batch_size": 2})  # 3D crops
+  # Per model: steps; batch_size = the global batch (all devices); per_device_batch_size > 0
+  # instead makes the global batch per_device_batch_size x devices (plain data parallelism,
+  # learning rate scaled by optim.lr_scaling).
+  c.train.seg3d = ml_collections.ConfigDict(                       # 3D crops
+      {"steps": 20000, "batch_size": 2, "per_device_batch_size": 0})
+  c.train.seg2d = ml_collections.ConfigDict(                       # 2D slices
+      {"steps": 20000, "batch_size": 16, "per_device_batch_size": 0})
+  c.train.predictor = ml_collections.ConfigDict(                   # 3D crops
+      {"steps": 20000, "batch_size": 2, "per_device_batch_size": 0})
   c.train.log_every = 50           # console + metrics.jsonl every N steps
   c.train.checkpoint_every = 1000  # orbax checkpoint every N steps (and at the end)
   c.train.keep_checkpoints = 3     # newest checkpoints kept per model

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -23,7 +24,10 @@ from wh_errmap.evaluation import evaluate_fold, read_records, score_segmentors
 from wh_errmap.metrics import correlation_stats
 from wh_errmap.workdir import record_config
 from wh_errmap.progress import console
-from wh_errmap.train.stages import SEGMENTORS, train_predictor, train_segmentor
+from wh_errmap.inference import inference_mesh
+from wh_errmap.train.sharding import model_layout
+from wh_errmap.train.stages import (SEGMENTORS, predictor_model, segmentor_model, train_predictor,
+                                    train_segmentor)
 
 STAGES = ("segmentors", "predictor", "evaluate")
 
@@ -50,25 +54,38 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if config.stage != "all" and config.stage not in STAGES:
     raise UserError(f"unknown stage {config.stage!r}; choose 'all' or one of {', '.join(STAGES)}")
   stages = STAGES if config.stage == "all" else (config.stage,)
-  record_config(workdir, config)
+  # Every model's batch must fit the devices: say so before any data or training work.
+  layouts = {name: model_layout(config, name) for name in (*SEGMENTORS, "predictor")}
+  record_config(workdir, config, defaults=base.get_config())
   dataset = dataset_from_config(config)
   train_cases, test_cases = dataset.fold(config.fold)
   fold_dir = Path(workdir) / f"fold{config.fold}"
   console(f"fold {config.fold}: {len(train_cases)} training and {len(test_cases)} test cases; "
-          f"outputs in {fold_dir}")
+          f"outputs in {fold_dir}; " + ", ".join(f"{name} {layout.describe()}"
+                                                  for name, layout in layouts.items()))
+  # Whole-volume inference splits each test volume over the local devices when mesh.space
+  # asks for it; the models then take the convolution form of that split.
+  mesh = inference_mesh(config.mesh.space, min(c.image.shape[0] for c in test_cases))
+  space = 1 if mesh is None else mesh.shape["space"]
   # Training a finished model only restores it, so later stages can always ask for it.
   segmentors = {name: train_segmentor(config, name, train_cases, fold_dir)
                 for name in SEGMENTORS}
-  if "segmentors" in stages:
-    console(score_segmentors(segmentors, test_cases, fold_dir / "segmentors.json"))
+  scoring = {name: (segmentor_model(config, name, space), variables)
+             for name, (_, variables) in segmentors.items()}
+  # Scoring runs on one process's own devices; with several processes (jax.distributed)
+  # process 0 alone scores and writes the fold's outputs.
+  scorer = jax.process_index() == 0
+  if "segmentors" in stages and scorer:
+    console(score_segmentors(scoring, test_cases, fold_dir / "segmentors.json", mesh))
   if "predictor" not in stages and "evaluate" not in stages:
     return
   predictor = train_predictor(config, segmentors, train_cases, fold_dir)
-  if "evaluate" in stages:
+  if "evaluate" in stages and scorer:
     if (fold_dir / "records.json").exists() and config.stage == "all":
       console(f"[evaluate] records exist in {fold_dir}: not redone")
       records = read_records(fold_dir)
     else:
-      records = evaluate_fold(segmentors, predictor, test_cases, config.fold, fold_dir,
-                              config.predictor.threshold, config.nifti)
+      records = evaluate_fold(scoring, (predictor_model(config, space), predictor[1]),
+                              test_cases, config.fold, fold_dir, config.predictor.threshold,
+                              config.nifti, mesh=mesh)
     console(f"fold {config.fold}: " + qi_summary(records))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import cv_fold_small
+from experiments import base, cv_fold_small
 from wh_errmap import atomic
 from wh_errmap.errors import UserError, storage_error_message
 from wh_errmap.workdir import check_writable, config_differences, record_config
@@ -95,3 +95,19 @@ def test_a_failed_write_leaves_neither_output_nor_temporary_file(tmp_path):
       tmp.write_text('{"half": ')
       raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
   assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_recorded_before_a_field_existed_is_not_refused(tmp_path):
+  """A config.json without a field added later (here mesh and input.on_device) matches a
+  command that leaves the field at its default, and not one that changes it; a recorded
+  field the code no longer has is ignored."""
+  config = cv_fold_small.get_config()
+  recorded = json.loads(config.to_json())
+  del recorded["mesh"], recorded["input"]["on_device"]
+  recorded["input"]["batch_size"] = 2   # a field the code has dropped
+  (tmp_path / "config.json").write_text(json.dumps(recorded))
+  record_config(tmp_path, config, defaults=base.get_config())
+  changed = cv_fold_small.get_config()
+  changed.input.on_device = True
+  with pytest.raises(UserError, match="input.on_device"):
+    record_config(tmp_path, changed, defaults=base.get_config())

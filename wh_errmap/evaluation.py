@@ -15,12 +15,13 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from wh_errmap.atomic import write_json, write_text
 from wh_errmap.data import MMWHS_CODES, NUM_CLASSES, STRUCTURES, save_nifti
 from wh_errmap.data.preprocess import PreprocessedCase, restore_to_original
-from wh_errmap.inference import (error_probability, segment_volume,
+from wh_errmap.inference import (place, predict_error_map, segment_volume,
                                  segment_volume_with_uncertainty)
 from wh_errmap.masks import MASK_TYPES
 from wh_errmap.metrics import (binary_error_map, error_map_scores, quality_indicator,
@@ -57,18 +58,22 @@ def read_records(directory: Path) -> list[dict[str, Any]]:
 
 
 def score_segmentors(segmentors: Mapping[str, tuple[VoxResNet, Any]],
-                     test_cases: Sequence[PreprocessedCase], path: Path) -> str:
+                     test_cases: Sequence[PreprocessedCase], path: Path,
+                     mesh: jax.sharding.Mesh | None = None) -> str:
   """Mean foreground Dice of every output of every segmentor on the test cases.
+
+  mesh: whole-volume inference splits each volume over it (inference.inference_mesh).
 
   Writes {model: {output: {"dsc": mean, "dsc_per_case": [...], "dsc_per_structure": {...}}}}
   to `path` and returns a printable table.
   """
   results: dict[str, dict[str, Any]] = {}
   for name, (model, variables) in segmentors.items():
+    variables, = place(mesh, variables)
     per_output: dict[str, list] = {output: [] for output in OUTPUT_NAMES}
     per_class: dict[str, list] = {output: [] for output in OUTPUT_NAMES}
     for case in test_cases:
-      masks = segment_volume(model, variables, case.image[..., None])
+      masks = segment_volume(model, variables, case.image[..., None], mesh)
       for output in OUTPUT_NAMES:
         scores = segmentation_scores(masks[output][None], case.label[None], NUM_CLASSES)
         per_output[output].append(float(scores["dsc"][0]))
@@ -87,6 +92,7 @@ def score_segmentors(segmentors: Mapping[str, tuple[VoxResNet, Any]],
 
 
 def all_masks(segmentors: Mapping[str, Model], case: PreprocessedCase,
+              mesh: jax.sharding.Mesh | None = None,
               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """The 10 auto masks and the GT of one case, and the auto masks' softmax uncertainty.
 
@@ -96,7 +102,7 @@ def all_masks(segmentors: Mapping[str, Model], case: PreprocessedCase,
   masks, uncertainty = {}, {}
   for dims, name in (("3d", "seg3d"), ("2d", "seg2d")):
     model, variables = segmentors[name]
-    outputs = segment_volume_with_uncertainty(model, variables, case.image[..., None])
+    outputs = segment_volume_with_uncertainty(model, variables, case.image[..., None], mesh)
     for output, (mask, unsure) in outputs.items():
       masks[f"{dims}-{output}"], uncertainty[f"{dims}-{output}"] = mask, unsure
   masks["gt"] = case.label
@@ -183,21 +189,25 @@ def write_predictions(directory: Path, case: PreprocessedCase, mask_type: str, m
 
 def evaluate_fold(segmentors: Mapping[str, Model], predictor: Model,
                   test_cases: Sequence[PreprocessedCase], fold: int, directory: Path,
-                  threshold: float = 0.5, nifti: str = "all",
-                  progress=console) -> list[dict[str, Any]]:
+                  threshold: float = 0.5, nifti: str = "all", progress=console,
+                  mesh: jax.sharding.Mesh | None = None) -> list[dict[str, Any]]:
   """Runs the predictor on the 11 masks of every test case and writes the records.
 
   nifti: which masks get NIfTI outputs: "all", "final" (3d-final, 2d-final, gt) or "none".
+  mesh: whole-volume inference splits each volume over it (inference.inference_mesh).
   """
   if nifti not in ("all", "final", "none"):
     raise ValueError(f"nifti must be 'all', 'final' or 'none', got {nifti!r}")
   model, variables = predictor
+  # Placed once: the models' variables stay on the mesh for every case.
+  variables, = place(mesh, variables)
+  segmentors = {name: (m, place(mesh, v)[0]) for name, (m, v) in segmentors.items()}
   records = []
   calibration = CalibrationCounts()
   for i, case in enumerate(test_cases):
-    masks, uncertainty = all_masks(segmentors, case)
+    masks, uncertainty = all_masks(segmentors, case, mesh)
     image = case.image[..., None]
-    probs = {t: np.asarray(error_probability(model, variables, image, m, NUM_CLASSES))
+    probs = {t: predict_error_map(model, variables, image, m, NUM_CLASSES, mesh)
              for t, m in masks.items()}
     scores = score_masks(masks, probs, case.label, threshold, baseline=uncertainty)
     for t, m in masks.items():

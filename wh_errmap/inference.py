@@ -1,8 +1,11 @@
 """Whole-volume inference: the segmentors (3D directly, 2D slice by slice along Z) and the
 error-map predictor.
 
-Preprocessed volumes are about 120 x 120 x 90 voxels, small enough for one forward pass;
-the 2D model sees the axial slices as one batch (in chunks to bound memory).
+Preprocessed volumes are about 120 x 120 x 90 voxels at 2 mm, small enough for one forward
+pass on one device; the 2D model sees the axial slices as one batch (in chunks to bound
+memory). Larger volumes (1 mm, or a large field of view) can be split along X over the
+'space' axis of a mesh (`inference_mesh`, `place`): the same jitted functions then run on
+every device of the mesh, XLA partitioning the convolutions.
 """
 from __future__ import annotations
 
@@ -13,8 +16,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wh_errmap.errors import UserError
 from wh_errmap.masks import predictor_input, slicewise
 from wh_errmap.models.voxresnet import VoxResNet
+from wh_errmap.train.sharding import check_split, make_mesh, replicated, volume_sharding
+
+
+def inference_mesh(space: int | str, volume_x: int) -> jax.sharding.Mesh | None:
+  """The mesh whole-volume inference splits each volume over, from config mesh.space.
+
+  1: None (one device, jit's default); "auto": every local device; n: the first n local
+  devices. Local devices only: every process scores its own cases. volume_x: the X
+  length of the smallest volume, checked against the split (sharding.check_split).
+  """
+  if space == 1:
+    return None
+  devices = jax.local_devices()
+  n = len(devices) if space == "auto" else int(space)
+  if n > len(devices):
+    raise UserError(f"mesh.space={space} is more than the {len(devices)} local devices")
+  if n == 1:
+    return None
+  check_split(volume_x, n, "the volume's X length")
+  return make_mesh(devices[:n], space=n)
+
+
+def place(mesh: jax.sharding.Mesh | None, variables: Any, *volumes: Any) -> tuple:
+  """(variables, *volumes) on `mesh`: variables replicated, each volume split along X; on
+  no mesh, unchanged (jit puts them on the default device)."""
+  if mesh is None:
+    return (variables, *volumes)
+  return (jax.device_put(variables, replicated(mesh)),
+          *(jax.device_put(v, volume_sharding(mesh)) for v in volumes))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "slice_chunk"))
@@ -36,10 +69,11 @@ def segment_logits(model: VoxResNet, variables: Any, image: jax.Array,
   return {name: logits[0] for name, logits in outputs.items()}
 
 
-def segment_volume(model: VoxResNet, variables: Any, image: np.ndarray) -> dict[str, np.ndarray]:
+def segment_volume(model: VoxResNet, variables: Any, image: np.ndarray,
+                   mesh: jax.sharding.Mesh | None = None) -> dict[str, np.ndarray]:
   """Label maps {"final", "side2".."side5"} -> (X, Y, Z) uint8 for a (X, Y, Z, 1) volume."""
   return {name: labels for name, (labels, _) in
-          segment_volume_with_uncertainty(model, variables, image).items()}
+          segment_volume_with_uncertainty(model, variables, image, mesh).items()}
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -51,13 +85,15 @@ def _labels_and_uncertainty(model: VoxResNet, variables: Any, image: jax.Array) 
 
 
 def segment_volume_with_uncertainty(model: VoxResNet, variables: Any, image: np.ndarray,
+                                    mesh: jax.sharding.Mesh | None = None,
                                     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{output: ((X, Y, Z) uint8 labels, (X, Y, Z) float32 1 - max softmax probability)}.
 
   1 - max softmax is the segmentor's own, ground-truth-free estimate that a voxel of its
   mask is wrong: the uncertainty baseline the learned error map is compared with.
+  mesh: split the volume along X over this mesh (see inference_mesh); None: one device.
   """
-  outputs = _labels_and_uncertainty(model, variables, jnp.asarray(image))
+  outputs = _labels_and_uncertainty(model, *place(mesh, variables, jnp.asarray(image)))
   return {name: (np.asarray(labels), np.asarray(uncertainty))
           for name, (labels, uncertainty) in outputs.items()}
 
@@ -74,3 +110,11 @@ def error_probability(model: VoxResNet, variables: Any, image: jax.Array, mask: 
   """
   inputs = predictor_input(image[None], mask[None], num_classes)
   return jax.nn.sigmoid(model.apply(variables, inputs, train=False)["final"][0, ..., 0])
+
+
+def predict_error_map(model: VoxResNet, variables: Any, image: np.ndarray, mask: np.ndarray,
+                      num_classes: int, mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
+  """`error_probability` of NumPy inputs, split over `mesh` when given; (X, Y, Z) float32."""
+  return np.asarray(error_probability(model, *place(mesh, variables, jnp.asarray(image),
+                                                    jnp.asarray(mask, jnp.int32)),
+                                      num_classes))

@@ -24,7 +24,7 @@ from wh_errmap.progress import console
 CONFIG_FILE = "config.json"
 # Fields that select what a command does, not what a run computes.
 VOLATILE_FIELDS = frozenset({
-    "fold", "stage", "nifti", "cache_dir", "overwrite", "input.num_workers",
+    "fold", "stage", "nifti", "cache_dir", "overwrite", "input.num_workers", "mesh.space",
     "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "report.failure_dice"})
 # Below this much free space a full run (checkpoints, NIfTI outputs) may not fit.
@@ -39,9 +39,20 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]
       yield f"{prefix}{key}", value
 
 
-def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-  """Dotted names of the non-volatile fields whose values differ (or exist in one only)."""
+def config_differences(stored: dict[str, Any], current: dict[str, Any],
+                       defaults: dict[str, Any] | None = None) -> list[str]:
+  """Dotted names of the non-volatile fields whose values differ (or exist in one only).
+
+  defaults: the code's base config. A field missing from `stored` counts as having its
+  default there (a run from before the field existed computed what the default computes),
+  and a stored field the code no longer has is ignored (nothing reads it any more).
+  """
   old, new = dict(_flatten(stored)), dict(_flatten(current))
+  if defaults is not None:
+    known = dict(_flatten(defaults))
+    old = {key: value for key, value in old.items() if key in known or key in new}
+    for key, value in known.items():
+      old.setdefault(key, value)
   # JSON turns tuples into lists; compare through JSON on both sides.
   return sorted(key for key in set(old) | set(new)
                 if key not in VOLATILE_FIELDS
@@ -68,8 +79,11 @@ def check_writable(workdir: str | os.PathLike, progress: Callable[[str], None] =
 
 
 def record_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict,
-                  progress: Callable[[str], None] = console) -> None:
+                  progress: Callable[[str], None] = console,
+                  defaults: ml_collections.ConfigDict | None = None) -> None:
   """Writes the run's config once; refuses a config that differs from the recorded one.
+
+  defaults: the base config, for fields a recorded config predates (config_differences).
 
   With config.overwrite, a workdir recorded with other settings is moved aside to
   `<workdir>.replaced-<time>` (nothing is deleted) and the run starts afresh.
@@ -81,7 +95,8 @@ def record_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict,
       stored = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
       raise UserError(f"{path} is unreadable ({e}); move it away or use a new --workdir") from None
-    changed = config_differences(stored, current)
+    changed = config_differences(stored, current,
+                                 None if defaults is None else json.loads(defaults.to_json()))
     if not changed:
       return
     if not config.get("overwrite", False):

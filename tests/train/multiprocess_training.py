@@ -4,12 +4,14 @@ Run from the repository root as a script (see tests/train/test_multiprocess.py):
 
   worker:     python -m tests.train.multiprocess_training worker --process_id I --port P \
                   --workdir W --out OUT.json
-              (XLA_FLAGS=--xla_force_host_platform_device_count=2, one command per process)
+              (XLA_FLAGS=--xla_force_host_platform_device_count=4, one command per process)
   reference:  python -m tests.train.multiprocess_training reference --workdir W --out OUT.json
-              (XLA_FLAGS=--xla_force_host_platform_device_count=4)
+              (XLA_FLAGS=--xla_force_host_platform_device_count=8)
 
-Both train the tiny 3D segmentor for NUM_STEPS SGD steps with the real `loop.train` on a
-4-device mesh with global batches of GLOBAL_BATCH rows. The two workers form one
+Both train the tiny 3D segmentor for NUM_STEPS SGD steps with the real `loop.train` at the
+paper's batch, GLOBAL_BATCH = 2 rows, on an 8-device 2 x 4 (data x space) mesh: each row (a
+process's volume) split along X over that process's 4 devices, as the README's SLURM example
+lays out a batch of 2 on 2 hosts. The two workers form one
 jax.distributed job over gloo CPU collectives; each reads its own shard of `tiny_cases()`
 (the pipeline's default shard_index / shard_count: process index / count) and contributes
 half of each global batch. The reference runs in one process and builds each global batch
@@ -36,15 +38,17 @@ from absl import flags
 from tests.train.tiny import tiny_cases, tiny_config
 from wh_errmap.data.pipeline import train_dataset
 from wh_errmap.train import loop
-from wh_errmap.train.sharding import make_mesh
+from wh_errmap.train.sharding import plan_layout
 from wh_errmap.train.state import create_state, make_model, make_optimizer
 from wh_errmap.train.steps import make_segmentor_step
 
 NUM_STEPS = 3
-GLOBAL_BATCH = 4
+GLOBAL_BATCH = 2
 NUM_PROCESSES = 2
-LOCAL_DEVICES = 2
-CROP = (16, 16, 12)
+LOCAL_DEVICES = 4
+SPACE = 4                     # devices per volume: the mesh is 2 x 4
+CROP = (32, 16, 12)           # X long enough to split over 4 devices (sharding.check_split)
+CASE_SHAPE = (40, 18, 14)
 SEED = 0
 
 
@@ -88,9 +92,12 @@ def _train(workdir: Path, dataset: Any) -> Any:
   config = tiny_config()
   config.optim.name = "sgd"
   config.optim.learning_rate = 0.1
-  mesh = make_mesh()
+  layout = plan_layout(GLOBAL_BATCH, "auto", num_devices=jax.device_count(),
+                       num_processes=jax.process_count())
+  assert (layout.data, layout.space) == (GLOBAL_BATCH, SPACE), layout
+  mesh = layout.mesh()
   assert mesh.size == NUM_PROCESSES * LOCAL_DEVICES, mesh
-  model = make_model(config.model, 3, 8)
+  model = make_model(config.model, 3, 8, SPACE)
   tx = make_optimizer(config.optim, NUM_STEPS)
   state = create_state(model, tx, (GLOBAL_BATCH, *CROP, 1), jax.random.key(SEED), mesh)
   return loop.train("seg", workdir, state=state, step_fn=make_segmentor_step(model, config.loss),
@@ -142,8 +149,8 @@ def worker(process_id: int, port: int, workdir: Path, out: Path) -> None:
   flags.FLAGS.mark_as_parsed()
 
   # Default shard_index / shard_count: this process's shard.
-  dataset = train_dataset(tiny_cases(), crop_size=CROP, batch_size=GLOBAL_BATCH // NUM_PROCESSES,
-                          seed=SEED)
+  dataset = train_dataset(tiny_cases(shape=CASE_SHAPE), crop_size=CROP,
+                          batch_size=GLOBAL_BATCH // NUM_PROCESSES, seed=SEED)
   state = _train(workdir, dataset)
   _write_outputs(workdir, out, state)
 
@@ -155,8 +162,9 @@ def reference(workdir: Path, out: Path) -> None:
   flags.FLAGS.mark_as_parsed()
 
   dataset = ConcatenatedShards([
-      train_dataset(tiny_cases(), crop_size=CROP, batch_size=GLOBAL_BATCH // NUM_PROCESSES,
-                    seed=SEED, shard_index=i, shard_count=NUM_PROCESSES)
+      train_dataset(tiny_cases(shape=CASE_SHAPE), crop_size=CROP,
+                    batch_size=GLOBAL_BATCH // NUM_PROCESSES, seed=SEED, shard_index=i,
+                    shard_count=NUM_PROCESSES)
       for i in range(NUM_PROCESSES)])
   state = _train(workdir, dataset)
   _write_outputs(workdir, out, state)

@@ -1,4 +1,4 @@
-"""Two processes (jax.distributed over gloo, 2 CPU devices each) train like one process.
+"""Two processes (jax.distributed over gloo, 4 CPU devices each) train like one process.
 
 The workers and the one-process reference run as subprocesses of
 tests/train/multiprocess_training.py; see its docstring for what each trains.
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tests.train.multiprocess_training import NUM_PROCESSES, NUM_STEPS
+from tests.train.multiprocess_training import LOCAL_DEVICES, NUM_PROCESSES, NUM_STEPS
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = "tests.train.multiprocess_training"
@@ -51,7 +51,7 @@ def _run_workers(workdir: Path, out: Path, logs: Path, timeout_s: float) -> None
       procs.append(subprocess.Popen(
           [sys.executable, "-m", SCRIPT, "worker", "--process_id", str(i), "--port", str(port),
            "--workdir", str(workdir), "--out", str(out)],
-          cwd=ROOT, env=_env(2), stdout=log, stderr=subprocess.STDOUT))
+          cwd=ROOT, env=_env(LOCAL_DEVICES), stdout=log, stderr=subprocess.STDOUT))
   deadline = time.monotonic() + timeout_s
   # Poll both: when one fails, its peer would wait for it in a collective until the deadline.
   while time.monotonic() < deadline:
@@ -88,15 +88,17 @@ def _iterator_states(checkpoints: Path, step: int) -> dict:
 
 
 def test_two_processes_train_like_one(tmp_path):
-  """Losses, parameters and batch statistics of a 2-process run match one process on the
-  same global batches; the checkpoint keeps each process's input position; a second run on
+  """At the paper's batch of 2 on a 2 x 4 mesh (each process's volume split over its 4
+  devices): losses, parameters and batch statistics of a 2-process run match one process on
+  the same global batches; the checkpoint keeps each process's input position; a second run on
   the finished workdir only restores."""
   workdir, out = tmp_path / "multi", tmp_path / "multi.json"
   _run_workers(workdir, out, tmp_path / "logs1", WORKER_TIMEOUT_S)
   reference = subprocess.run(
       [sys.executable, "-m", SCRIPT, "reference", "--workdir", str(tmp_path / "single"),
        "--out", str(tmp_path / "single.json")],
-      cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+      cwd=ROOT, env=_env(NUM_PROCESSES * LOCAL_DEVICES), capture_output=True, text=True,
+      timeout=WORKER_TIMEOUT_S)
   assert reference.returncode == 0, reference.stdout[-2000:] + reference.stderr[-3000:]
 
   multi = json.loads(out.read_text())

@@ -9,15 +9,22 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
-from tests.train.tiny import train_tiny
+from tests.train.tiny import tiny_cases, tiny_config, train_tiny
+from wh_errmap.train import loop
 from wh_errmap.train.sharding import make_mesh
+from wh_errmap.train.stages import training_input
+from wh_errmap.train.state import create_state, make_model, make_optimizer
+from wh_errmap.train.steps import make_segmentor_step
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_eight_devices_match_one_device():
-  """Segmentor and predictor steps: 8 simulated devices give the 1-device result."""
+def test_paper_batch_on_8_devices_matches_one_device():
+  """Segmentor and predictor steps at batch 2: a 2 x 4 and a 1 x 8 (data x space) mesh of
+  simulated devices give the 1-device losses and parameters; whole-volume inference split
+  over 8 devices gives the 1-device outputs."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-m", "tests.train.sharded_training"], cwd=ROOT,
@@ -25,10 +32,18 @@ def test_eight_devices_match_one_device():
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.strip().splitlines()[-1])
   for name in ("segmentor", "predictor"):
-    np.testing.assert_allclose(out[name]["losses_8"], out[name]["losses_1"], rtol=1e-5)
-    # An extra pmean or a missing one would scale the update by 8: far above this tolerance.
-    assert out[name]["param_diff"] < 1e-4, (name, out[name])
-    assert out[name]["stats_diff"] < 1e-4, (name, out[name])
+    assert sorted(out[name]) == ["1x8", "2x4"]
+    for mesh, diff in out[name].items():
+      np.testing.assert_allclose(diff["losses"], diff["losses_1"], rtol=1e-5)
+      # An extra pmean or a missing one would scale the update by 8, and a wrong halo
+      # exchange shows in the gradients: far above these tolerances.
+      assert diff["param_diff"] < 1e-4, (name, mesh, diff)
+      assert diff["stats_diff"] < 1e-4, (name, mesh, diff)
+  for name in ("seg3d", "seg2d"):
+    # Argmax ties aside, the split volume gives the same labels and uncertainties.
+    assert out["inference"][name]["label_mismatch"] < 1e-3, out["inference"]
+    assert out["inference"][name]["uncertainty_diff"] < 1e-4, out["inference"]
+  assert out["inference"]["predictor"]["prob_diff"] < 1e-4, out["inference"]
 
 
 def test_resume_gives_the_same_parameters(tmp_path):
@@ -53,3 +68,42 @@ def test_training_reduces_the_loss(tmp_path):
   losses = [json.loads(line)["loss"] for line in (tmp_path / "seg" / "metrics.jsonl")
             .read_text().splitlines()]
   assert np.mean(losses[-3:]) < losses[0]
+
+
+@pytest.mark.parametrize("spatial_dims", [3, 2])
+def test_crops_made_on_the_device_train_like_host_crops(tmp_path, spatial_dims):
+  """input.on_device: the loop gets crop parameters and makes the crops inside the step;
+  without scaling those crops are the host's exactly, so training is the same; a stopped
+  device-path run resumes to the same parameters."""
+  config = tiny_config()
+  config.input.scale_range = (1.0, 1.0)
+  # SGD: Adam's normalised update turns rounding noise in a gradient that should be zero
+  # (a bias before batch norm) into a full step, hiding whether the crops matched.
+  config.optim.name, config.optim.learning_rate = "sgd", 0.1
+  crop = (16, 16, 12) if spatial_dims == 3 else (16, 16)
+  model = make_model(config.model, spatial_dims, 8)
+  mesh = make_mesh(jax.devices()[:1])
+  cases = tiny_cases()
+
+  def run(on_device, workdir, stop_at=None):
+    config.input.on_device = on_device
+    feed = training_input(config, cases, crop, batch_size=2, seed=0)
+    assert ("make_batch" in feed) == on_device
+    state = create_state(model, make_optimizer(config.optim, 4), (2, *crop, 1),
+                         jax.random.key(0), mesh)
+    state = loop.train("seg", workdir, state=state, step_fn=make_segmentor_step(model, config.loss),
+                       mesh=mesh, num_steps=4, seed=0, log_every=1, checkpoint_every=2,
+                       stop_at=stop_at, progress=lambda _: None, **feed)
+    losses = [json.loads(line)["loss"]
+              for line in (workdir / "seg" / "metrics.jsonl").read_text().splitlines()]
+    return state, losses
+
+  host, host_losses = run(False, tmp_path / "host")
+  device, device_losses = run(True, tmp_path / "device")
+  np.testing.assert_allclose(device_losses, host_losses, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(host.params), jax.tree.leaves(device.params)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  run(True, tmp_path / "resumed", stop_at=3)
+  resumed, _ = run(True, tmp_path / "resumed")
+  for a, b in zip(jax.tree.leaves(device.params), jax.tree.leaves(resumed.params)):
+    np.testing.assert_array_equal(a, b)

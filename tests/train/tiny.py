@@ -37,17 +37,18 @@ def tiny_cases(num: int = 4, shape=(20, 18, 14)) -> list:
 def train_tiny(workdir, mesh, num_steps: int, batch_size: int = 8, crop=(16, 16, 12),
                spatial_dims: int = 3, seed: int = 0, checkpoint_every: int = 2,
                optimizer: str = "adam", stop_at: int | None = None,
-               progress=lambda _: None, step_fn_wrapper=None, log_every: int = 1):
+               progress=lambda _: None, step_fn_wrapper=None, log_every: int = 1,
+               case_shape=(20, 18, 14)):
   """Trains a tiny segmentor with the real loop; returns the final state."""
   config = tiny_config()
   config.optim.name = optimizer
   if optimizer == "sgd":
     config.optim.learning_rate = 0.1
-  model = make_model(config.model, spatial_dims, 8)
+  model = make_model(config.model, spatial_dims, 8, mesh.shape["space"])
   tx = make_optimizer(config.optim, num_steps)
   state = create_state(model, tx, (batch_size, *crop, 1), jax.random.key(seed), mesh)
-  dataset = train_dataset(tiny_cases(), crop_size=crop, batch_size=batch_size, seed=seed,
-                          shard_index=0, shard_count=1)
+  dataset = train_dataset(tiny_cases(shape=case_shape), crop_size=crop, batch_size=batch_size,
+                          seed=seed, shard_index=0, shard_count=1)
   step_fn = make_segmentor_step(model, config.loss)
   if step_fn_wrapper is not None:
     step_fn = step_fn_wrapper(step_fn)
@@ -70,20 +71,22 @@ def tiny_segmentors(seed: int = 0) -> dict:
 
 
 def train_tiny_predictor(workdir, mesh, num_steps: int, segmentors: dict, batch_size: int = 8,
-                         optimizer: str = "adam"):
+                         optimizer: str = "adam", crop=(16, 16, 12), case_shape=(20, 18, 14)):
   """Trains a tiny predictor with the real loop and on-the-fly masks; returns the state."""
   config = tiny_config()
   config.optim.name = optimizer
   if optimizer == "sgd":
     config.optim.learning_rate = 0.1
-  crop = (16, 16, 12)
-  model = make_model(config.model, 3, 1)
+  space = mesh.shape["space"]
+  model = make_model(config.model, 3, 1, space)
   state = create_state(model, make_optimizer(config.optim, num_steps), (batch_size, *crop, 9),
                        jax.random.key(1), mesh)
-  dataset = train_dataset(tiny_cases(), crop_size=crop, batch_size=batch_size, seed=0,
-                          shard_index=0, shard_count=1)
-  step = make_predictor_step(model, segmentors["seg3d"][0], segmentors["seg2d"][0], config.loss,
-                             gt_probability=0.2, num_classes=8)
+  dataset = train_dataset(tiny_cases(shape=case_shape), crop_size=crop, batch_size=batch_size,
+                          seed=0, shard_index=0, shard_count=1)
+  # The frozen segmentors in the convolution form of this mesh (same parameters).
+  seg3d, seg2d = (make_model(config.model, dims, 8, space) for dims in (3, 2))
+  step = make_predictor_step(model, seg3d, seg2d, config.loss, gt_probability=0.2,
+                             num_classes=8)
   frozen = {name: variables for name, (_, variables) in segmentors.items()}
   return loop.train("predictor", workdir, state=state, step_fn=step, dataset=dataset, mesh=mesh,
                     num_steps=num_steps, seed=0, log_every=1, checkpoint_every=100,

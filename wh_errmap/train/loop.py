@@ -31,15 +31,17 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import multihost
 from jax.experimental import multihost_utils
 
 from wh_errmap.errors import UserError
-from wh_errmap.train.sharding import data_sharded, global_batch, replicated
+from wh_errmap.train.sharding import batch_shardings, global_batch, replicated
 from wh_errmap.train.state import TrainState
 from wh_errmap.train.steps import StepFn
 from wh_errmap.progress import console
 
 Progress = Callable[[str], None]
+MakeBatch = Callable[[Any, Any], Any]
 
 
 class TrainingDivergedError(UserError):
@@ -193,36 +195,49 @@ def _barrier(key: str, timeout_s: int = 3600) -> None:
 
   Processes finish compiling a step at different times, and gloo gives up on the first
   collective inside the step if a peer is still compiling 30 s later. This barrier runs in
-  the distributed coordination service, with its own long timeout, not in a collective
-  (jax.experimental's serialization uses the same client call).
+  the distributed coordination service, with its own long timeout, not in a collective:
+  orbax's barrier does so when given the processes explicitly (without them it falls back
+  to jax's sync_global_devices, a collective).
   """
   if jax.process_count() > 1:
-    from jax._src import distributed   # set by jax.distributed.initialize
-    distributed.global_state.client.wait_at_barrier(key, timeout_in_ms=timeout_s * 1000)
+    multihost.sync_global_processes(key, timeout=timeout_s,
+                                    processes=set(range(jax.process_count())))
 
 
-def compile_step(step_fn: StepFn, mesh: jax.sharding.Mesh, *, with_frozen: bool) -> Callable:
-  """The jitted step the loop runs: `(state, batch, base_rng, frozen) -> (state, metrics)`.
+def compile_step(step_fn: StepFn, mesh: jax.sharding.Mesh, batch: Any, *, with_frozen: bool,
+                 make_batch: MakeBatch | None = None) -> Callable:
+  """The jitted step the loop runs: `(state, batch, base_rng, frozen, device_data) ->
+  (state, metrics)`.
 
-  The state is donated and replicated, the batch split over the mesh's 'data' axis. The
+  The state is donated and replicated; the batch is laid out by `batch_shardings` (rows
+  over 'data', volumes along X over 'space'); `batch` gives its structure and shapes. The
   step's randomness is `fold_in(base_rng, state.step)`, so it depends only on (seed, step)
   and a resumed run matches. frozen is None for steps without frozen models.
+
+  make_batch: for batches made on the device, `(device_data, batch) -> batch`: the loop's
+  batch is then what the input stream yields (e.g. the crop parameters of
+  data.device_crops) and device_data the replicated arrays it draws from; the batch it
+  makes is laid out like a host batch. None: batches come from the host, device_data is
+  None.
   """
-  def step_with_rng(state, batch, base_rng, frozen):
+  def step_with_rng(state, batch, base_rng, frozen, device_data):
+    if make_batch is not None:
+      batch = make_batch(device_data, batch)
+      batch = jax.lax.with_sharding_constraint(batch, batch_shardings(mesh, batch))
     rng = jax.random.fold_in(base_rng, state.step)
     return step_fn(state, batch, rng, frozen) if with_frozen else step_fn(state, batch, rng)
 
   return jax.jit(step_with_rng, donate_argnums=0,
-                 in_shardings=(replicated(mesh), data_sharded(mesh), replicated(mesh),
-                               replicated(mesh)),
+                 in_shardings=(replicated(mesh), batch_shardings(mesh, batch), replicated(mesh),
+                               replicated(mesh), replicated(mesh)),
                  out_shardings=(replicated(mesh), replicated(mesh)))
 
 
 def train(name: str, workdir: str | Path, *, state: TrainState, step_fn: StepFn,
           dataset: Any, mesh: jax.sharding.Mesh, num_steps: int, seed: int,
           log_every: int = 50, checkpoint_every: int = 500, keep_checkpoints: int = 3,
-          stop_at: int | None = None, frozen: Any = None,
-          progress: Progress = console) -> TrainState:
+          stop_at: int | None = None, frozen: Any = None, device_data: Any = None,
+          make_batch: MakeBatch | None = None, progress: Progress = console) -> TrainState:
   """Trains `state` to `num_steps`, resuming from `workdir/name/checkpoints` if present.
 
   dataset: a grain IterDataset of this process's batches (NumPy pytrees).
@@ -231,6 +246,9 @@ def train(name: str, workdir: str | Path, *, state: TrainState, step_fn: StepFn,
     frozen segmentors), replicated over the mesh; None for steps without it.
   stop_at: end this run after that step (with a checkpoint) although the schedule runs to
     num_steps; a later run resumes there.
+  device_data, make_batch: batches made on the device (see compile_step): `dataset`
+    yields what make_batch takes, device_data (NumPy or jax arrays) is replicated on the
+    mesh once.
   """
   if jax.process_index() != 0:   # one console for a multi-process run
     progress = lambda _: None  # noqa: E731
@@ -255,12 +273,15 @@ def train(name: str, workdir: str | Path, *, state: TrainState, step_fn: StepFn,
     return state
 
   base_rng = jax.random.key(seed)
-  compiled = compile_step(step_fn, mesh, with_frozen=frozen is not None)
   if frozen is not None:
     frozen = jax.device_put(frozen, replicated(mesh))
+  if device_data is not None:
+    device_data = jax.device_put(device_data, replicated(mesh))
   manager = _checkpoint_manager(checkpoints, keep_checkpoints)
   last = num_steps if stop_at is None else min(stop_at, num_steps)
-  progress(f"[{name}] training steps {start + 1}..{last} of {num_steps} on {mesh.size} device(s)")
+  layout = " x ".join(f"{n} {axis}" for axis, n in mesh.shape.items() if n > 1) or "1 device"
+  progress(f"[{name}] training steps {start + 1}..{last} of {num_steps} on {mesh.size} "
+           f"device(s) ({layout})")
   t_last, step_last, t_start = time.perf_counter(), start, time.perf_counter()
 
   def diverged(what: str, step: int) -> TrainingDivergedError:
@@ -277,12 +298,14 @@ def train(name: str, workdir: str | Path, *, state: TrainState, step_fn: StepFn,
   try:
     with _StopSignals() as stop:
       batch = global_batch(mesh, next(iterator))
-      step_executable = compiled.lower(state, batch, base_rng, frozen).compile()
+      compiled = compile_step(step_fn, mesh, batch, with_frozen=frozen is not None,
+                              make_batch=make_batch)
+      step_executable = compiled.lower(state, batch, base_rng, frozen, device_data).compile()
       _barrier(f"wh_errmap {name} step {start + 1} compiled")
       for step in range(start + 1, last + 1):
         if batch is None:
           batch = global_batch(mesh, next(iterator))
-        state, metrics = step_executable(state, batch, base_rng, frozen)
+        state, metrics = step_executable(state, batch, base_rng, frozen, device_data)
         batch = None
         if step % log_every == 0 or step == last or step == start + 1:
           metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

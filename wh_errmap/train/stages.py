@@ -2,6 +2,7 @@
 the error-map predictor."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -9,11 +10,13 @@ import jax
 import ml_collections
 
 from wh_errmap.data import NUM_CLASSES
+from wh_errmap.data.device_crops import crop_batch, stack_volumes, use_device_data
 from wh_errmap.data.pipeline import train_dataset
+from wh_errmap.errors import UserError
 from wh_errmap.data.preprocess import PreprocessedCase
 from wh_errmap.models.voxresnet import VoxResNet
 from wh_errmap.train import loop
-from wh_errmap.train.sharding import make_mesh
+from wh_errmap.train.sharding import model_layout
 from wh_errmap.train.state import create_state, make_model, make_optimizer
 from wh_errmap.train.steps import make_predictor_step, make_segmentor_step
 from wh_errmap.progress import console
@@ -21,14 +24,30 @@ from wh_errmap.progress import console
 SEGMENTORS = {"seg3d": 3, "seg2d": 2}   # model name -> spatial dims
 
 
-def per_process_batch(global_batch: int) -> int:
-  if global_batch % jax.process_count():
-    raise ValueError(f"batch {global_batch} does not split over {jax.process_count()} processes")
-  return global_batch // jax.process_count()
+def segmentor_model(config: ml_collections.ConfigDict, name: str, space: int = 1) -> VoxResNet:
+  return make_model(config.model, SEGMENTORS[name], NUM_CLASSES, space)
 
 
-def segmentor_model(config: ml_collections.ConfigDict, name: str) -> VoxResNet:
-  return make_model(config.model, SEGMENTORS[name], NUM_CLASSES)
+def training_input(config: ml_collections.ConfigDict, cases: Sequence[PreprocessedCase],
+                    crop: tuple[int, ...], batch_size: int, seed: int) -> dict[str, Any]:
+  """The keyword arguments of loop.train that feed it: dataset, and for crops made on the
+  device (use_device_data) device_data and make_batch.
+
+  Both paths draw the same cases, crops, flips and scales from the same grain stream; the
+  device path receives only those parameters and resamples inside the jitted step.
+  """
+  setting = config.input.get("on_device", False)
+  if not isinstance(setting, bool) and setting != "auto":
+    raise UserError(f"input.on_device must be 'auto', True or False, got {setting!r}")
+  on_device = use_device_data(setting, cases)
+  dataset = train_dataset(cases, crop_size=crop, batch_size=batch_size, seed=seed,
+                          scale_range=config.input.scale_range,
+                          num_workers=config.input.num_workers,
+                          output="params" if on_device else "crops")
+  if not on_device:
+    return {"dataset": dataset}
+  return {"dataset": dataset, "device_data": stack_volumes(cases),
+          "make_batch": functools.partial(crop_batch, crop_size=crop)}
 
 
 def train_segmentor(config: ml_collections.ConfigDict, name: str,
@@ -40,28 +59,28 @@ def train_segmentor(config: ml_collections.ConfigDict, name: str,
   Returns the model and its variables {"params", "batch_stats"}.
   """
   spatial_dims = SEGMENTORS[name]
-  model = segmentor_model(config, name)
+  layout = model_layout(config, name)
+  model = segmentor_model(config, name, layout.space)
   crop = tuple(config.input.crop_3d if spatial_dims == 3 else config.input.crop_2d)
   schedule = config.train[name]
-  batch = schedule.batch_size
-  mesh = make_mesh()
-  tx = make_optimizer(config.optim, schedule.steps)
+  mesh = layout.mesh()
+  tx = make_optimizer(config.optim, schedule.steps, layout.lr_factor)
   rng = jax.random.key(config.seed)
-  state = create_state(model, tx, (batch, *crop, 1), jax.random.fold_in(rng, spatial_dims), mesh)
-  dataset = train_dataset(train_cases, crop_size=crop, batch_size=per_process_batch(batch),
-                          seed=config.seed + spatial_dims, scale_range=config.input.scale_range,
-                          num_workers=config.input.num_workers)
+  state = create_state(model, tx, (layout.batch, *crop, 1),
+                       jax.random.fold_in(rng, spatial_dims), mesh)
+  feed = training_input(config, train_cases, crop, layout.per_process,
+                         config.seed + spatial_dims)
   state = loop.train(name, workdir, state=state, step_fn=make_segmentor_step(model, config.loss),
-                     dataset=dataset, mesh=mesh, num_steps=schedule.steps, seed=config.seed,
+                     mesh=mesh, num_steps=schedule.steps, seed=config.seed,
                      log_every=config.train.log_every,
                      checkpoint_every=config.train.checkpoint_every,
-                     keep_checkpoints=config.train.keep_checkpoints, progress=progress)
+                     keep_checkpoints=config.train.keep_checkpoints, progress=progress, **feed)
   return model, {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def predictor_model(config: ml_collections.ConfigDict) -> VoxResNet:
+def predictor_model(config: ml_collections.ConfigDict, space: int = 1) -> VoxResNet:
   """The error-map predictor: a 3D VoxResNet from image + one-hot mask to one error logit."""
-  return make_model(config.model, 3, 1)
+  return make_model(config.model, 3, 1, space)
 
 
 def train_predictor(config: ml_collections.ConfigDict,
@@ -71,24 +90,25 @@ def train_predictor(config: ml_collections.ConfigDict,
                     ) -> tuple[VoxResNet, dict[str, Any]]:
   """Trains (or resumes, or restores) the error-map predictor on masks that the frozen
   segmentors generate inside its step from the training crops."""
-  model = predictor_model(config)
+  layout = model_layout(config, "predictor")
+  model = predictor_model(config, layout.space)
   crop = tuple(config.input.crop_predictor)
   schedule = config.train.predictor
-  mesh = make_mesh()
-  tx = make_optimizer(config.optim, schedule.steps)
+  mesh = layout.mesh()
+  tx = make_optimizer(config.optim, schedule.steps, layout.lr_factor)
   rng = jax.random.fold_in(jax.random.key(config.seed), 1000)
-  state = create_state(model, tx, (schedule.batch_size, *crop, 1 + NUM_CLASSES), rng, mesh)
-  dataset = train_dataset(train_cases, crop_size=crop,
-                          batch_size=per_process_batch(schedule.batch_size),
-                          seed=config.seed + 1000, scale_range=config.input.scale_range,
-                          num_workers=config.input.num_workers)
-  step = make_predictor_step(model, segmentors["seg3d"][0], segmentors["seg2d"][0], config.loss,
+  state = create_state(model, tx, (layout.batch, *crop, 1 + NUM_CLASSES), rng, mesh)
+  feed = training_input(config, train_cases, crop, layout.per_process, config.seed + 1000)
+  # The frozen segmentors run inside the predictor's step, on its mesh: their convolutions
+  # take the form that partitions over its 'space' axis (same parameters either way).
+  seg3d, seg2d = (segmentor_model(config, name, layout.space) for name in SEGMENTORS)
+  step = make_predictor_step(model, seg3d, seg2d, config.loss,
                              config.predictor.gt_probability, NUM_CLASSES)
   frozen = {name: variables for name, (_, variables) in segmentors.items()}
-  state = loop.train("predictor", workdir, state=state, step_fn=step, dataset=dataset, mesh=mesh,
+  state = loop.train("predictor", workdir, state=state, step_fn=step, mesh=mesh,
                      num_steps=schedule.steps, seed=config.seed + 1000,
                      log_every=config.train.log_every,
                      checkpoint_every=config.train.checkpoint_every,
                      keep_checkpoints=config.train.keep_checkpoints, frozen=frozen,
-                     progress=progress)
+                     progress=progress, **feed)
   return model, {"params": state.params, "batch_stats": state.batch_stats}

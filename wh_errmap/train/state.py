@@ -40,25 +40,45 @@ def compute_dtype(name: str) -> jnp.dtype:
   return jnp.dtype(name)
 
 
-def make_model(model: ml_collections.ConfigDict, spatial_dims: int,
-               num_classes: int) -> VoxResNet:
-  """A VoxResNet from a `model` config block (see experiments/base.py)."""
+def conv_impl(name: str, space: int = 1) -> str:
+  """The model's convolution form: model.conv_impl, with "auto" resolved for a mesh whose
+  'space' axis splits each volume over `space` devices.
+
+  The CPU's matmul convolution (Conv3) builds its im2col columns from 27 shifted slices and
+  a concatenation; XLA partitions a real convolution along a split spatial axis with one
+  halo exchange, but those slices with one exchange each. So "auto" is XLA's convolution
+  whenever space > 1; an explicit "matmul" is kept (it computes the same, more slowly).
+  """
+  if name == "auto" and space > 1:
+    return "xla"
+  return name
+
+
+def make_model(model: ml_collections.ConfigDict, spatial_dims: int, num_classes: int,
+               space: int = 1) -> VoxResNet:
+  """A VoxResNet from a `model` config block (see experiments/base.py), for a mesh that
+  splits each volume over `space` devices (see conv_impl)."""
   return VoxResNet(spatial_dims=spatial_dims, num_classes=num_classes, width1=model.width1,
                    width2=model.width2, num_voxres=model.num_voxres, norm=model.norm,
-                   upsample=model.upsample, conv_impl=model.conv_impl,
+                   upsample=model.upsample, conv_impl=conv_impl(model.conv_impl, space),
                    dtype=compute_dtype(model.dtype))
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-  """Adam (or plain SGD) with linear warm-up, then cosine decay or a constant rate."""
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int,
+                   lr_factor: float = 1.0) -> optax.GradientTransformation:
+  """Adam (or plain SGD) with linear warm-up, then cosine decay or a constant rate.
+
+  lr_factor multiplies optim.learning_rate (per-device batch sizing, see
+  sharding.model_layout).
+  """
   # optax needs at least one warm-up step and one decay step, also for 1-step runs.
   warmup = max(1, min(optim.warmup_steps, num_steps - 1))
+  peak = optim.learning_rate * lr_factor
   if optim.schedule == "cosine":
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, optim.learning_rate, warmup, max(num_steps, warmup + 1),
-        end_value=optim.learning_rate * optim.final_lr_fraction)
+        0.0, peak, warmup, max(num_steps, warmup + 1), end_value=peak * optim.final_lr_fraction)
   elif optim.schedule == "constant":
-    schedule = optax.linear_schedule(0.0, optim.learning_rate, warmup)
+    schedule = optax.linear_schedule(0.0, peak, warmup)
   else:
     raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {optim.schedule!r}")
   if optim.name == "adam":
