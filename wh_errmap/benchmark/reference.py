@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,8 @@ import ml_collections
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "torch_reference.py"
 TORCH_STEPS = ("seg3d_train", "seg2d_train", "predictor_train", "inference")
+# The line the reference prints to stderr after each step it has timed.
+_STEP_DONE = re.compile(r"^\[torch (\S+)\] (\S+) (\S+): ([0-9.eE+-]+) s/iter$", re.MULTILINE)
 
 
 def available() -> bool:
@@ -35,12 +38,23 @@ def spec_entry(name: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
           "volume": list(config.preprocess.crop_size)}
 
 
+def finished_steps(output: str) -> list[dict[str, Any]]:
+  """The steps that the reference's console output reports as timed: [{"config", "step",
+  "seconds_per_iter"}] (what is left of a run stopped at its time limit)."""
+  return [{"config": config, "step": step, "seconds_per_iter": float(seconds)}
+          for _, config, step, seconds in _STEP_DONE.findall(output)]
+
+
 def run(configs: Mapping[str, ml_collections.ConfigDict], steps: Sequence[str], *,
         warmup: int, iters: int, bf16: bool, timeout_s: float = 3600) -> dict[str, Any]:
   """Runs the reference on the same configs and steps; returns its JSON output.
 
   bf16: use bf16 autocast (on GPU, where the JAX model computes in bf16 too).
-  Raises RuntimeError with the reference's stderr if it fails.
+  timeout_s: the reference is stopped after this many seconds; the result then holds the
+    steps it finished ("results" with config, step, seconds_per_iter only) and
+    "timed_out_after_s".
+  Raises RuntimeError with the reference's output if it fails, or if it times out before
+  finishing a step.
   """
   spec = {"configs": [spec_entry(name, config) for name, config in configs.items()],
           "steps": [s for s in steps if s in TORCH_STEPS], "warmup": warmup, "iters": iters,
@@ -48,11 +62,26 @@ def run(configs: Mapping[str, ml_collections.ConfigDict], steps: Sequence[str], 
           "channels_last": "auto"}
   with tempfile.TemporaryDirectory() as tmp:
     spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+    log_path = Path(tmp) / "log.txt"
     spec_path.write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--spec", str(spec_path),
-                           "--out", str(out_path)], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=timeout_s)
-    if proc.returncode != 0 or not out_path.exists():
-      raise RuntimeError(f"PyTorch reference failed (exit {proc.returncode}):\n"
-                         f"{proc.stdout[-4000:]}")
+    # Output to a file, not a pipe: torch.compile's worker processes may hold the pipe
+    # open after the reference itself is stopped.
+    with log_path.open("w") as log:
+      proc = subprocess.Popen([sys.executable, str(SCRIPT), "--spec", str(spec_path),
+                               "--out", str(out_path)], stdout=log, stderr=subprocess.STDOUT)
+      try:
+        returncode = proc.wait(timeout=timeout_s)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        returncode = None
+    output = log_path.read_text(errors="replace")
+    if returncode is None:
+      finished = finished_steps(output)
+      if not finished:
+        raise RuntimeError(f"PyTorch reference stopped at its time limit ({timeout_s:.0f} s) "
+                           f"before finishing a step:\n{output[-4000:]}")
+      return {"framework": "pytorch", "timed_out_after_s": timeout_s, "results": finished}
+    if returncode != 0 or not out_path.exists():
+      raise RuntimeError(f"PyTorch reference failed (exit {returncode}):\n{output[-4000:]}")
     return json.loads(out_path.read_text())

@@ -1,11 +1,14 @@
-"""Throughput of the JAX training steps, whole-volume inference and the input stream.
+"""Throughput of the JAX training steps, whole-volume inference, per-case QC latency and
+the input stream.
 
 Every step is timed as the training loop runs it (`loop.compile_step`: donated state, batch
 sharded over all devices, no host sync between steps): compile, `warmup` untimed calls, then
 `iters` calls and one `block_until_ready` at the end, so the time per step is throughput
 including dispatch, as in training. FLOPs come from XLA's cost analysis of the compiled step
 and the memory footprint from its memory analysis (arguments + outputs + temporaries, per
-device); on GPU the process's peak from the allocator is reported as well.
+device); on GPU the process's peak from the allocator is reported as well. QC ("qc") is
+timed as latency instead: each call takes a preprocessed volume and mask from the host and
+returns the QI to it, as quality control of one new case does.
 
 Only jax, flax, optax and numpy are needed (the GPU machines lack nibabel and grain); the
 input-stream measurement imports grain and scipy itself and is skipped without them.
@@ -13,6 +16,7 @@ input-stream measurement imports grain and scipy itself and is skipped without t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, Sequence
 
@@ -24,12 +28,12 @@ import numpy as np
 from wh_errmap.inference import error_probability, segment_logits
 from wh_errmap.metrics import quality_indicator
 from wh_errmap.train.loop import compile_step
-from wh_errmap.train.sharding import global_batch, make_mesh, replicated
+from wh_errmap.train.sharding import global_batch, make_mesh, model_layout, replicated
 from wh_errmap.train.state import create_state, make_model, make_optimizer
 from wh_errmap.train.steps import make_predictor_step, make_segmentor_step
 
 NUM_CLASSES = 8   # background + 7 structures (wh_errmap.data.NUM_CLASSES, without nibabel)
-STEPS = ("seg3d_train", "seg2d_train", "predictor_train", "inference", "input")
+STEPS = ("seg3d_train", "seg2d_train", "predictor_train", "inference", "qc", "input")
 
 # Dense peak FLOP/s per device from the vendors' datasheets: (bfloat16, float32). float32
 # counts TF32 tensor cores, which XLA uses for f32 convolutions and matmuls by default on
@@ -55,6 +59,9 @@ class Result:
   peak_bytes: int | None = None
   peak_flops: float | None = None
   note: str = ""
+  # Training steps: samples/s of the input stream that feeds this step in training (the
+  # host crop stream, or the grain parameter stream when crops are made on the device).
+  input_samples_per_s: float | None = None
 
   @property
   def samples_per_s(self) -> float:
@@ -69,6 +76,13 @@ class Result:
     return None if self.flops_per_iter is None else self.flops_per_iter / self.seconds_per_iter
 
   @property
+  def input_bound(self) -> float | None:
+    """Step samples/s over input samples/s: above 1, the step waits for its input."""
+    if not self.input_samples_per_s:
+      return None
+    return self.samples_per_s / self.input_samples_per_s
+
+  @property
   def fraction_of_peak(self) -> float | None:
     if self.flops_per_s is None or self.peak_flops is None:
       return None
@@ -77,6 +91,7 @@ class Result:
   def to_json(self) -> dict[str, Any]:
     return {**dataclasses.asdict(self), "samples_per_s": self.samples_per_s,
             "mvoxels_per_s": self.mvoxels_per_s, "flops_per_s": self.flops_per_s,
+            "input_bound": self.input_bound,
             "fraction_of_peak": self.fraction_of_peak}
 
 
@@ -142,7 +157,7 @@ class StepBench:
 
   def __init__(self, name: str, config: ml_collections.ConfigDict, warmup: int, iters: int):
     self.name, self.config, self.warmup, self.iters = name, config, warmup, iters
-    self.mesh = make_mesh()
+    self.mesh = make_mesh(jax.devices()[:1])   # random variables, inference and QC
     self.models = {"seg3d": make_model(config.model, 3, NUM_CLASSES),
                    "seg2d": make_model(config.model, 2, NUM_CLASSES),
                    "predictor": make_model(config.model, 3, 1)}
@@ -151,10 +166,12 @@ class StepBench:
     self.np_rng = np.random.default_rng(config.seed)
     self._initialised: dict[str, dict[str, Any]] = {}
 
-  def _state(self, model_name: str, crop: Sequence[int], batch: int, channels: int):
+  def _state(self, model_name: str, crop: Sequence[int], batch: int, channels: int,
+             mesh: jax.sharding.Mesh | None = None, model: Any = None):
     tx = make_optimizer(self.config.optim, 1000)
     rng = jax.random.key(self.config.seed + len(model_name))
-    return create_state(self.models[model_name], tx, (batch, *crop, channels), rng, self.mesh)
+    return create_state(model or self.models[model_name], tx, (batch, *crop, channels), rng,
+                        mesh or self.mesh)
 
   def _variables(self, model_name: str) -> dict[str, Any]:
     """Random {"params", "batch_stats"} of a model, made once (they do not depend on sizes)."""
@@ -171,30 +188,92 @@ class StepBench:
                   _footprint(compiled), _device_peak_bytes(), self.peak, note)
 
   def train_step(self, step: str) -> Result:
-    """Times the 3D or 2D segmentor step, or the predictor step with on-the-fly masks."""
-    train = self.config.train
+    """Times the 3D or 2D segmentor step, or the predictor step with on-the-fly masks, on
+    the model's training layout (sharding.model_layout: mesh.space, per-device batches).
+
+    Where training would make the crops on the device (input.on_device), the timed step
+    makes them too, from synthetic volumes held on the device; the input rate beside it is
+    that of the stream that feeds the step (see _feed).
+    """
+    model_name = "predictor" if step == "predictor_train" else step.removesuffix("_train")
+    layout = model_layout(self.config, model_name)
+    mesh = layout.mesh()
+    models = {name: make_model(self.config.model, 2 if name == "seg2d" else 3,
+                               1 if name == "predictor" else NUM_CLASSES, layout.space)
+              for name in self.models}
     if step == "predictor_train":
-      crop, batch = tuple(self.config.input.crop_predictor), train.predictor.batch_size
-      model_name, channels = "predictor", 1 + NUM_CLASSES
-      fn = make_predictor_step(self.models["predictor"], self.models["seg3d"],
-                               self.models["seg2d"], self.config.loss,
-                               self.config.predictor.gt_probability, NUM_CLASSES)
+      crop, channels = tuple(self.config.input.crop_predictor), 1 + NUM_CLASSES
+      fn = make_predictor_step(models["predictor"], models["seg3d"], models["seg2d"],
+                               self.config.loss, self.config.predictor.gt_probability,
+                               NUM_CLASSES)
       frozen = jax.device_put({"seg3d": self._variables("seg3d"),
-                               "seg2d": self._variables("seg2d")}, replicated(self.mesh))
+                               "seg2d": self._variables("seg2d")}, replicated(mesh))
     else:
-      model_name = step.removesuffix("_train")
-      spatial = 3 if model_name == "seg3d" else 2
+      spatial = models[model_name].spatial_dims
       crop = tuple(self.config.input.crop_3d if spatial == 3 else self.config.input.crop_2d)
-      batch, channels, frozen = train[model_name].batch_size, 1, None
-      fn = make_segmentor_step(self.models[model_name], self.config.loss)
-    state = self._state(model_name, crop, batch, channels)
-    batch_arrays = global_batch(self.mesh, synthetic_batch(self.np_rng, batch, crop))
-    base_rng = jax.device_put(jax.random.key(self.config.seed), replicated(self.mesh))
-    jitted = compile_step(fn, self.mesh, with_frozen=frozen is not None)
-    compiled = jitted.lower(state, batch_arrays, base_rng, frozen).compile()
-    seconds, _ = _time(lambda s: compiled(s, batch_arrays, base_rng, frozen)[0], state,
-                       self.warmup, self.iters)
-    return self._result(step, batch, crop, seconds, compiled)
+      channels, frozen = 1, None
+      fn = make_segmentor_step(models[model_name], self.config.loss)
+    state = self._state(model_name, crop, layout.batch, channels, mesh, models[model_name])
+    batch, device_data, make_batch, input_rate, note = self._feed(crop, layout.batch)
+    batch_arrays = global_batch(mesh, batch)
+    if device_data is not None:
+      device_data = jax.device_put(device_data, replicated(mesh))
+    base_rng = jax.device_put(jax.random.key(self.config.seed), replicated(mesh))
+    jitted = compile_step(fn, mesh, batch_arrays, with_frozen=frozen is not None,
+                          make_batch=make_batch)
+    compiled = jitted.lower(state, batch_arrays, base_rng, frozen, device_data).compile()
+    seconds, _ = _time(lambda s: compiled(s, batch_arrays, base_rng, frozen, device_data)[0],
+                       state, self.warmup, self.iters)
+    if layout.space > 1:
+      note = f"{note}, {layout.data} x {layout.space} mesh" if note else \
+          f"{layout.data} x {layout.space} mesh"
+    result = self._result(step, layout.batch, crop, seconds, compiled, note)
+    result.input_samples_per_s = input_rate
+    return result
+
+  def _synthetic_cases(self) -> list["_Volume"]:
+    """Four synthetic preprocessed volumes (preprocess.crop_size), made once."""
+    if not hasattr(self, "_cases"):
+      volume = tuple(self.config.preprocess.crop_size)
+      self._cases = []
+      for k in range(4):
+        sample = synthetic_batch(self.np_rng, 1, volume)
+        self._cases.append(_Volume(f"synthetic{k}", sample["image"][0, ..., 0],
+                                   sample["label"][0].astype(np.uint8)))
+    return self._cases
+
+  def _feed(self, crop: tuple[int, ...], batch: int) -> tuple:
+    """(batch, device_data, make_batch, input samples/s, note) for a step's timing.
+
+    As training feeds it: crops made on the device from the grain parameter stream when
+    input.on_device resolves so (device_crops.use_device_data), else host crops. The input
+    rate is that stream's, measured here; None (and synthetic host batches) where grain or
+    scipy is missing.
+    """
+    try:
+      from wh_errmap.data.device_crops import crop_batch, stack_volumes, use_device_data
+      from wh_errmap.data.pipeline import measure_rate, train_dataset
+    except ImportError as e:
+      return synthetic_batch(self.np_rng, batch, crop), None, None, None, f"no input: {e.name}"
+    cases = self._synthetic_cases()
+    on_device = use_device_data(self.config.input.on_device, cases)
+    output = "params" if on_device else "crops"
+
+    def stream():
+      return train_dataset(cases, crop_size=crop, batch_size=batch, seed=self.config.seed,
+                           scale_range=tuple(self.config.input.scale_range),
+                           num_workers=self.config.input.num_workers, output=output,
+                           shard_index=0, shard_count=1)
+
+    rate = measure_rate(stream(), max(self.iters, 4))["samples_per_s"]
+    it = iter(stream())
+    first = next(it)
+    if hasattr(it, "close"):
+      it.close()
+    if not on_device:
+      return first, None, None, rate, ""
+    return (first, stack_volumes(cases), functools.partial(crop_batch, crop_size=crop), rate,
+            "crops on device")
 
   def inference(self) -> Result:
     """Times one case: both segmentors' outputs, the error map of the 3D mask and its QI."""
@@ -220,28 +299,54 @@ class StepBench:
                        self.warmup, self.iters)
     return self._result("inference", 1, volume, seconds, compiled)
 
+  def qc(self) -> Result:
+    """Times quality control of one case: a preprocessed volume and a mask from the host in,
+    the predictor's error map of that mask and its QI out (no segmentor runs)."""
+    volume = tuple(self.config.preprocess.crop_size)
+    model, variables = self.models["predictor"], self._variables("predictor")
+    threshold = self.config.predictor.threshold
+
+    @jax.jit
+    def per_mask(variables, image, mask):
+      error = error_probability(model, variables, image, mask, NUM_CLASSES)
+      return quality_indicator(error[None], threshold)[0]
+
+    sample = synthetic_batch(self.np_rng, 1, volume)
+    image, mask = sample["image"][0], sample["label"][0].astype(np.uint8)
+    compiled = per_mask.lower(variables, image, mask).compile()
+    # Host arrays in and the QI back each call: latency per case, not pipelined throughput.
+    seconds, _ = _time(lambda _: float(compiled(variables, image, mask)), None,
+                       self.warmup, self.iters)
+    return self._result("qc", 1, volume, seconds, compiled)
+
   def input_stream(self) -> Result:
-    """Batches/s of the grain training stream of 3D crops (CPU work, no device)."""
+    """Samples/s of the grain training stream of 3D crops, as the 3D segmentor's training
+    reads it: host crops (grain + scipy), or only their parameters when the crops are made
+    on the device (input.on_device)."""
     try:
+      from wh_errmap.data.device_crops import use_device_data
       from wh_errmap.data.pipeline import measure_rate, train_dataset
     except ImportError as e:
       return Result(self.name, "input", 0, 0, float("nan"), note=f"skipped: {e}")
-    volume = tuple(self.config.preprocess.crop_size)
-    crop, batch = tuple(self.config.input.crop_3d), self.config.train.seg3d.batch_size
-    cases = []
-    for k in range(4):
-      sample = synthetic_batch(self.np_rng, 1, volume)
-      cases.append(_Volume(f"synthetic{k}", sample["image"][0, ..., 0], sample["label"][0]))
+    crop = tuple(self.config.input.crop_3d)
+    batch = model_layout(self.config, "seg3d").batch
+    cases = self._synthetic_cases()
+    on_device = use_device_data(self.config.input.on_device, cases)
     dataset = train_dataset(cases, crop_size=crop, batch_size=batch, seed=self.config.seed,
                             scale_range=tuple(self.config.input.scale_range),
-                            num_workers=self.config.input.num_workers)
+                            num_workers=self.config.input.num_workers,
+                            output="params" if on_device else "crops",
+                            shard_index=0, shard_count=1)
     rate = measure_rate(dataset, max(self.iters, 4))
     return Result(self.name, "input", batch, int(np.prod(crop)),
-                  batch / rate["samples_per_s"], note="host CPU, grain")
+                  batch / rate["samples_per_s"],
+                  note="grain parameters; crops on device" if on_device else "host CPU, grain")
 
   def run(self, step: str) -> Result:
     if step == "inference":
       return self.inference()
+    if step == "qc":
+      return self.qc()
     if step == "input":
       return self.input_stream()
     if step in ("seg3d_train", "seg2d_train", "predictor_train"):
