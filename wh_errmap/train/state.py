@@ -44,10 +44,11 @@ def conv_impl(name: str, space: int = 1) -> str:
   """The model's convolution form: model.conv_impl, with "auto" resolved for a mesh whose
   'space' axis splits each volume over `space` devices.
 
-  The CPU's matmul convolution (Conv3) builds its im2col columns from 27 shifted slices and
-  a concatenation; XLA partitions a real convolution along a split spatial axis with one
-  halo exchange, but those slices with one exchange each. So "auto" is XLA's convolution
-  whenever space > 1; an explicit "matmul" is kept (it computes the same, more slowly).
+  XLA partitions its own convolution along a split spatial axis with one halo exchange per
+  direction; the CPU's matmul form (Conv3) is a pad, shifted slices and a sum of shifted
+  partial products, each partitioned separately (a 3D layer's forward + backward on a volume
+  split over 4 CPU devices: 10 collective permutes against XLA's 6, same results). So
+  "auto" is XLA's convolution whenever space > 1; an explicit "matmul" is kept.
   """
   if name == "auto" and space > 1:
     return "xla"
