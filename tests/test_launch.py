@@ -102,3 +102,25 @@ def test_make_phantom_then_prepare_data(tmp_path):
   assert result.returncode == 0, result.stderr
   assert "mr_train_1002" in result.stdout and "120x120x90" in result.stdout
   assert len(list((tmp_path / "cache").rglob("splits.json"))) == 1
+
+
+@pytest.mark.parametrize("settings, named", [
+    ((), "mesh.space=4"),                                   # batch 2 on 8 devices, space 1
+    (("--set=mesh.space=3",), "mesh.space=3 does not divide"),
+    (("--set=mesh.space=auto", "--set=input.crop_3d=(24,96,80)"), "input.crop_3d[0]=24"),
+    (("--set=mesh.space=auto", "--set=train.seg2d.per_device_batch_size=-1"),
+     "per_device_batch_size"),
+])
+def test_a_batch_that_cannot_be_laid_out_is_one_line_and_status_2(tmp_path, settings, named):
+  """On 8 devices the paper's batch of 2 needs mesh.space: refused before any data work or
+  recorded settings, naming the setting to change."""
+  env = dict(os.environ, WH_ERRMAP_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  result = subprocess.run([sys.executable, "launch.py", "--experiment=cv_fold",
+                           f"--workdir={tmp_path / 'run'}", *settings], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], result.stderr
+  assert not (tmp_path / "run" / "config.json").exists()
+  assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").glob("phantom*"))
