@@ -35,6 +35,15 @@ def blob_label(shape=(24, 20, 16), codes=True) -> np.ndarray:
   return label
 
 
+def take_batches(dataset, n: int) -> list:
+  """The first n batches of a grain dataset; the iterator is closed after."""
+  it = iter(dataset)
+  try:
+    return [next(it) for _ in range(n)]
+  finally:
+    it.close()
+
+
 def write_nifti(path: Path, data: np.ndarray, affine=None) -> Path:
   nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
   return path

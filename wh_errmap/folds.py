@@ -24,7 +24,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -33,6 +32,7 @@ import ml_collections
 
 from wh_errmap.errors import UserError
 from wh_errmap.progress import console
+from wh_errmap.signals import CaughtSignals
 
 Progress = Callable[[str], None]
 CV_BLOCK = "cv"
@@ -270,29 +270,18 @@ class FoldsInterrupted(UserError):
     self.exit_code = 128 + signum
 
 
-class _ForwardedSignals:
+class _ForwardedSignals(CaughtSignals):
   """Counts SIGINT/SIGTERM while folds run, instead of dying (in the main thread; elsewhere
   signals keep their handlers)."""
   SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
   def __init__(self):
-    self.signum: int | None = None
+    super().__init__()
     self.count = 0
-    self._previous: dict[int, Any] = {}
 
   def _handle(self, signum, frame):
     self.signum = self.signum or signum
     self.count += 1
-
-  def __enter__(self) -> "_ForwardedSignals":
-    if threading.current_thread() is threading.main_thread():
-      for sig in self.SIGNALS:
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
 
 
 _PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None

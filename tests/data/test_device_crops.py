@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.conftest import take_batches
 from wh_errmap.data import device_crops, pipeline
 
 # Different shapes, one smaller than the 3D crop along every axis, so that stacking pads and
@@ -34,19 +35,11 @@ def _cases(shapes=SHAPES):
   return cases
 
 
-def _take(ds, n):
-  it = iter(ds)
-  try:
-    return [next(it) for _ in range(n)]
-  finally:
-    it.close()
-
-
 def _streams(cases, crop_size, n, **kwargs):
   """n batches of crops and n of params of the same stream."""
   kwargs = dict(crop_size=crop_size, batch_size=3, seed=4, shard_index=0, shard_count=1) | kwargs
-  return (_take(pipeline.train_dataset(cases, **kwargs), n),
-          _take(pipeline.train_dataset(cases, output="params", **kwargs), n))
+  return (take_batches(pipeline.train_dataset(cases, **kwargs), n),
+          take_batches(pipeline.train_dataset(cases, output="params", **kwargs), n))
 
 
 def _host_crop(cases, params, b, crop_size):
@@ -63,7 +56,7 @@ def _host_crop(cases, params, b, crop_size):
 @pytest.mark.parametrize("crop_size", [CROP_3D, CROP_2D])
 def test_params_batches_shapes_and_dtypes(crop_size):
   d = len(crop_size)
-  for params in _take(pipeline.train_dataset(_cases(), crop_size=crop_size, batch_size=3, seed=0,
+  for params in take_batches(pipeline.train_dataset(_cases(), crop_size=crop_size, batch_size=3, seed=0,
                                              output="params", shard_index=0, shard_count=1), 4):
     assert set(params) == {"case", "scale", "origin", "flip"} | ({"slice"} if d == 2 else set())
     assert params["case"].shape == (3,) and params["case"].dtype == np.int32
@@ -204,22 +197,6 @@ def test_jit_and_eager_give_the_same_crops():
   # Fusion may contract a multiply-add: the last bit of an image voxel may differ.
   np.testing.assert_allclose(eager["image"], jitted["image"], atol=1e-6)
   np.testing.assert_array_equal(eager["label"], jitted["label"])
-
-
-def test_resume_params_stream_from_iterator_state():
-  ds = pipeline.train_dataset(_cases(SHAPES[:3]), crop_size=CROP_2D, batch_size=2, seed=3,
-                              output="params", shard_index=0, shard_count=1)
-  it = iter(ds)
-  for _ in range(5):  # past the first epoch of 3 cases
-    next(it)
-  state = it.get_state()
-  expected = [next(it) for _ in range(4)]
-  resumed = iter(ds)
-  resumed.set_state(state)
-  for got, want in zip([next(resumed) for _ in range(4)], expected):
-    assert set(got) == set(want)
-    for key in want:
-      np.testing.assert_array_equal(got[key], want[key])
 
 
 def test_stack_volumes_pads_to_the_largest_shape():

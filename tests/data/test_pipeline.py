@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from absl import flags
 
+from tests.conftest import take_batches
 from wh_errmap.data import pipeline
 
 SHAPE = (20, 18, 14)
@@ -30,26 +31,19 @@ def _cases(n=4, shape=SHAPE):
   return [_case(f"case_{i}", _random_label(i, shape)) for i in range(n)]
 
 
-def _take(ds, n):
-  it = iter(ds)
-  try:
-    return [next(it) for _ in range(n)]
-  finally:
-    it.close()
-
-
 def _assert_batches_equal(a, b):
   assert len(a) == len(b)
   for x, y in zip(a, b):
-    np.testing.assert_array_equal(x["image"], y["image"])
-    np.testing.assert_array_equal(x["label"], y["label"])
+    assert set(x) == set(y)
+    for key in y:
+      np.testing.assert_array_equal(x[key], y[key])
 
 
 @pytest.mark.parametrize("crop_size", [(8, 10, 6), (9, 7)])
 def test_train_batch_shapes_and_dtypes(crop_size):
   ds = pipeline.train_dataset(_cases(), crop_size=crop_size, batch_size=3, seed=0,
                               shard_index=0, shard_count=1)
-  for batch in _take(ds, 3):
+  for batch in take_batches(ds, 3):
     assert batch["image"].shape == (3, *crop_size, 1)
     assert batch["image"].dtype == np.float32
     assert batch["label"].shape == (3, *crop_size)
@@ -61,7 +55,7 @@ def test_scaling_never_creates_new_label_values():
   values = (0, 2, 3, 5)
   ds = pipeline.train_dataset(_cases(), crop_size=(11, 9, 7), batch_size=4, seed=1,
                               scale_range=(0.6, 1.5), shard_index=0, shard_count=1)
-  for batch in _take(ds, 10):
+  for batch in take_batches(ds, 10):
     assert set(np.unique(batch["label"])) <= set(values)
 
 
@@ -98,7 +92,7 @@ def test_unit_scale_is_an_exact_crop():
 def test_flips_keep_image_and_label_consistent(crop_size):
   ds = pipeline.train_dataset(_cases(), crop_size=crop_size, batch_size=4, seed=2,
                               scale_range=(1.0, 1.0), shard_index=0, shard_count=1)
-  for batch in _take(ds, 5):
+  for batch in take_batches(ds, 5):
     np.testing.assert_array_equal(batch["image"][..., 0], _image_of(batch["label"]))
 
 
@@ -124,7 +118,7 @@ def test_pads_when_volume_is_smaller_than_crop():
   crop_size = (24, 16, 20)  # larger along X and Z, smaller along Y
   ds = pipeline.train_dataset([case], crop_size=crop_size, batch_size=2, seed=0,
                               scale_range=(1.0, 1.0), flip_axes=(), shard_index=0, shard_count=1)
-  for batch in _take(ds, 3):
+  for batch in take_batches(ds, 3):
     for image, out_label in zip(batch["image"][..., 0], batch["label"]):
       inside = out_label != 0
       assert inside.sum() == SHAPE[0] * crop_size[1] * SHAPE[2]
@@ -140,16 +134,17 @@ def test_pads_when_volume_is_smaller_than_crop():
 
 def test_same_seed_same_batches_other_seed_other_batches():
   kwargs = dict(crop_size=(8, 8, 6), batch_size=2, shard_index=0, shard_count=1)
-  a = _take(pipeline.train_dataset(_cases(), seed=7, **kwargs), 6)
-  b = _take(pipeline.train_dataset(_cases(), seed=7, **kwargs), 6)
-  c = _take(pipeline.train_dataset(_cases(), seed=8, **kwargs), 6)
+  a = take_batches(pipeline.train_dataset(_cases(), seed=7, **kwargs), 6)
+  b = take_batches(pipeline.train_dataset(_cases(), seed=7, **kwargs), 6)
+  c = take_batches(pipeline.train_dataset(_cases(), seed=8, **kwargs), 6)
   _assert_batches_equal(a, b)
   assert not all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, c))
 
 
-def test_resume_from_iterator_state():
+@pytest.mark.parametrize("output", ["crops", "params"])
+def test_resume_from_iterator_state(output):
   ds = pipeline.train_dataset(_cases(3), crop_size=(8, 8), batch_size=2, seed=3,
-                              shard_index=0, shard_count=1)
+                              shard_index=0, shard_count=1, output=output)
   it = iter(ds)
   for _ in range(5):  # past the first epoch of 3 cases
     next(it)
@@ -167,7 +162,7 @@ def test_shards_are_disjoint_and_cover_all_cases():
   for index in range(2):
     ds = pipeline.train_dataset(cases, crop_size=(6, 6, 6), batch_size=1, seed=0,
                                 shard_index=index, shard_count=2)
-    seen.append({int(b["label"][0, 0, 0, 0]) for b in _take(ds, 12)})
+    seen.append({int(b["label"][0, 0, 0, 0]) for b in take_batches(ds, 12)})
   assert seen[0].isdisjoint(seen[1])
   assert seen[0] | seen[1] == {1, 2, 3, 4, 5}
   ids = [c.case_id for i in range(2) for c in pipeline.shard_cases(cases, i, 2)]
@@ -177,7 +172,7 @@ def test_shards_are_disjoint_and_cover_all_cases():
 def test_default_shard_is_the_whole_dataset_on_one_process():
   cases = [_case(f"case_{k}", np.full(SHAPE, k, np.uint8)) for k in range(1, 4)]
   ds = pipeline.train_dataset(cases, crop_size=(6, 6, 6), batch_size=1, seed=0)
-  assert {int(b["label"][0, 0, 0, 0]) for b in _take(ds, 3)} == {1, 2, 3}
+  assert {int(b["label"][0, 0, 0, 0]) for b in take_batches(ds, 3)} == {1, 2, 3}
 
 
 def test_invalid_arguments_raise():
@@ -195,9 +190,9 @@ def test_threads_and_workers_give_the_same_batches():
   # grain 0.2.18 workers read absl flags (grain issue 1355).
   flags.FLAGS.mark_as_parsed()
   kwargs = dict(crop_size=(8, 8, 6), batch_size=2, seed=5, shard_index=0, shard_count=1)
-  serial = _take(pipeline.train_dataset(_cases(), num_threads=0, **kwargs), 5)
-  threaded = _take(pipeline.train_dataset(_cases(), num_threads=3, **kwargs), 5)
-  workers = _take(pipeline.train_dataset(_cases(), num_workers=2, num_threads=1, **kwargs), 5)
+  serial = take_batches(pipeline.train_dataset(_cases(), num_threads=0, **kwargs), 5)
+  threaded = take_batches(pipeline.train_dataset(_cases(), num_threads=3, **kwargs), 5)
+  workers = take_batches(pipeline.train_dataset(_cases(), num_workers=2, num_threads=1, **kwargs), 5)
   _assert_batches_equal(serial, threaded)
   _assert_batches_equal(serial, workers)
 

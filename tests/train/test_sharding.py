@@ -19,6 +19,15 @@ from wh_errmap.train.sharding import (Layout, batch_sharding, global_batch, lr_f
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _run_on_8_devices(code: str) -> None:
+  """Runs `code` in a Python with 8 simulated CPU devices; it must print "ok" last."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("batch, space, devices, processes, expected", [
     (2, 1, 1, 1, (1, 1)),      # one device
     (2, 1, 2, 1, (2, 1)),      # plain data parallelism
@@ -105,11 +114,7 @@ np.testing.assert_array_equal(np.asarray(b["image"]),
                               np.arange(48, dtype=np.float32).reshape(2, 8, 3, 1))
 print("ok")
 """
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+  _run_on_8_devices(code)
 
 
 def test_crops_made_on_a_split_mesh_equal_one_device():
@@ -146,11 +151,7 @@ np.testing.assert_allclose(out[0]["image"], out[1]["image"], atol=1e-6)
 assert out[0]["label"].shape == (2, 32, 16, 12)
 print("ok")
 """
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+  _run_on_8_devices(code)
 
 
 def test_batch_sharding_keeps_vectors_unsplit_along_space():

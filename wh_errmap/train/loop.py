@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -35,6 +34,7 @@ from orbax.checkpoint import multihost
 from jax.experimental import multihost_utils
 
 from wh_errmap.errors import UserError
+from wh_errmap.signals import CaughtSignals
 from wh_errmap.train.sharding import batch_shardings, global_batch, replicated
 from wh_errmap.train.state import TrainState
 from wh_errmap.train.steps import StepFn
@@ -56,17 +56,12 @@ class TrainingInterrupted(UserError):
     self.exit_code = 128 + signum
 
 
-class _StopSignals:
+class _StopSignals(CaughtSignals):
   """Turns SIGTERM/SIGINT into a flag read at step boundaries (main thread only).
 
   A second signal while the flag is set restores the previous handlers and re-raises the
   signal, so a stuck save can still be interrupted.
   """
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
-    self.signum: int | None = None
-    self._previous: dict[int, Any] = {}
 
   def _handle(self, signum, frame):
     if self.signum is not None:
@@ -74,17 +69,6 @@ class _StopSignals:
       signal.raise_signal(signum)
       return
     self.signum = signum
-
-  def __enter__(self) -> "_StopSignals":
-    if threading.current_thread() is threading.main_thread():
-      for sig in self.SIGNALS:
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    self._previous = {}
 
 
 @jax.jit
