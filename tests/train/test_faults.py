@@ -5,8 +5,10 @@ final parameters, bit for bit, with an uninterrupted run of the same command.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +21,7 @@ import numpy as np
 import pytest
 
 from tests.train.tiny import train_tiny
+from wh_errmap.train.checkpoints import MANIFEST
 from wh_errmap.train.loop import TrainingDivergedError
 from wh_errmap.train.sharding import make_mesh
 
@@ -27,11 +30,27 @@ NUM_STEPS = 8
 STEP_SECONDS = 0.4
 
 
-def fault_run(workdir: Path, step_seconds: float = STEP_SECONDS) -> subprocess.Popen:
+def fault_run(workdir: Path, step_seconds: float = STEP_SECONDS, kill: str = "",
+              disk_full_at: str = "") -> subprocess.Popen:
+  """The tiny training run of fault_run.py; kill="save:3" etc. (FAULT_KILL, see there)."""
   return subprocess.Popen(
       [sys.executable, "-m", "tests.train.fault_run", str(workdir), str(NUM_STEPS),
-       str(step_seconds)], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+       str(step_seconds)], cwd=ROOT,
+      env=dict(os.environ, JAX_PLATFORMS="cpu", FAULT_KILL=kill, FAULT_DISK_FULL_AT=disk_full_at),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str):
+  """A tmpfs of `size` mounted at `path` for the block; None where mounting is not allowed."""
+  path.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                           capture_output=True).returncode == 0 if shutil.which("mount") else False
+  try:
+    yield path if mounted else None
+  finally:
+    if mounted:
+      subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
@@ -73,8 +92,9 @@ def assert_same(params: list[np.ndarray], reference: list[np.ndarray]) -> None:
 def test_sigkill_then_same_command_gives_the_same_parameters(tmp_path, uninterrupted):
   proc = fault_run(tmp_path)
   wait_for_checkpoint(tmp_path, 2, proc)
-  # A random moment: during a step, a log line or a checkpoint being written.
-  time.sleep(random.uniform(0.0, 3 * STEP_SECONDS))
+  # A moment during a step, a log line or a checkpoint being written (seeded, so a failure
+  # can be rerun; the kills inside a checkpoint write are tested deterministically below).
+  time.sleep(random.Random(0).uniform(0.0, 3 * STEP_SECONDS))
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert proc.returncode == -signal.SIGKILL
@@ -83,6 +103,49 @@ def test_sigkill_then_same_command_gives_the_same_parameters(tmp_path, uninterru
   assert code == 0, err[-2000:]
   assert "resuming from the checkpoint at step" in out
   assert_same(final_params(tmp_path), uninterrupted)
+
+
+@pytest.mark.parametrize("where", ["save", "record"])
+def test_sigkill_inside_a_checkpoint_write(tmp_path, uninterrupted, where):
+  """Killed while checkpoint 4's files are being written ("save": orbax's temporary folder
+  is left behind) or after orbax finished but before its integrity record ("record"):
+  the same command removes the temporary folder, resumes from the newest whole checkpoint
+  and ends with the uninterrupted run's parameters."""
+  code, _, err = finish(fault_run(tmp_path, step_seconds=0.0, kill=f"{where}:4"))
+  assert code == -signal.SIGKILL, err[-2000:]
+  checkpoints = tmp_path / "seg" / "checkpoints"
+  leftovers = [p.name for p in checkpoints.iterdir() if "orbax-checkpoint-tmp" in p.name]
+  if where == "save":
+    assert leftovers and not (checkpoints / "4").exists(), sorted(os.listdir(checkpoints))
+  else:
+    assert (checkpoints / "4").is_dir() and not (checkpoints / "4" / MANIFEST).exists()
+  code, out, err = finish(fault_run(tmp_path, step_seconds=0.0))
+  assert code == 0, err[-2000:]
+  resumed = 4 if where == "record" else 3
+  assert f"resuming from the checkpoint at step {resumed}/" in out, out
+  assert not [p for p in checkpoints.iterdir() if "orbax-checkpoint-tmp" in p.name]
+  assert not (tmp_path / "seg" / "corrupt_checkpoints").exists()
+  assert_same(final_params(tmp_path), uninterrupted)
+
+
+def test_a_full_disk_is_one_error_line_and_loses_no_checkpoint(tmp_path, uninterrupted):
+  """Training on a file system that fills up (a 1 MB tmpfs: two of the tiny run's
+  checkpoints fit, the third does not; where mounting is not allowed, the metrics file's
+  writes fail instead): the run ends with one error line naming the file, exit status 2;
+  after freeing space the same command resumes to the uninterrupted run's parameters."""
+  with small_filesystem(tmp_path / "small", "1m") as small:
+    workdir = (small or tmp_path) / "run"
+    proc = fault_run(workdir, step_seconds=0.0, disk_full_at="" if small else "3")
+    code, _, err = finish(proc)
+    assert code == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: the disk is full writing {workdir}"), err[-3000:]
+    assert "free space" in last and "resume" in last
+    shutil.copytree(workdir, tmp_path / "freed", symlinks=True)   # "space freed"
+  code, out, err = finish(fault_run(tmp_path / "freed", step_seconds=0.0))
+  assert code == 0, err[-2000:]
+  assert "resuming from the checkpoint at step 2/" in out, out
+  assert_same(final_params(tmp_path / "freed"), uninterrupted)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -116,7 +179,7 @@ def test_corrupt_newest_checkpoint_is_reported_and_skipped(tmp_path):
   resumed = train_tiny(tmp_path / "b", mesh, num_steps=6, batch_size=2, checkpoint_every=1,
                        progress=messages.append)
   warning = next(m for m in messages if m.startswith("warning: checkpoint"))
-  assert str(newest) in warning and "unreadable" in warning
+  assert str(newest) in warning and "is damaged" in warning and "bytes" in warning
   assert "[seg] resuming from the checkpoint at step 3/6" in messages
   assert (tmp_path / "b" / "seg" / "corrupt_checkpoints" / "4").is_dir()
   for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):

@@ -38,7 +38,7 @@ def train_tiny(workdir, mesh, num_steps: int, batch_size: int = 8, crop=(16, 16,
                spatial_dims: int = 3, seed: int = 0, checkpoint_every: int = 2,
                optimizer: str = "adam", stop_at: int | None = None,
                progress=lambda _: None, step_fn_wrapper=None, log_every: int = 1,
-               case_shape=(20, 18, 14)):
+               case_shape=(20, 18, 14), allow_restart: bool = False):
   """Trains a tiny segmentor with the real loop; returns the final state."""
   config = tiny_config()
   config.optim.name = optimizer
@@ -54,7 +54,8 @@ def train_tiny(workdir, mesh, num_steps: int, batch_size: int = 8, crop=(16, 16,
     step_fn = step_fn_wrapper(step_fn)
   return loop.train("seg", workdir, state=state, step_fn=step_fn, dataset=dataset, mesh=mesh,
                     num_steps=num_steps, seed=seed, log_every=log_every,
-                    checkpoint_every=checkpoint_every, stop_at=stop_at, progress=progress)
+                    checkpoint_every=checkpoint_every, stop_at=stop_at, progress=progress,
+                    allow_restart=allow_restart)
 
 
 def tiny_segmentors(seed: int = 0) -> dict:

@@ -10,9 +10,11 @@ run; a finished run only restores.
 
 Faults:
 - Orbax writes each checkpoint into a temporary folder and renames it when complete, so a
-  kill never leaves a half-written checkpoint under a step's name. A checkpoint that cannot
-  be restored anyway (a truncated or deleted file) is reported, moved to
-  `<model>/corrupt_checkpoints/`, and the next older one is used.
+  kill never leaves a half-written checkpoint under a step's name; the temporary folders of
+  killed saves are removed at the next start. Each finished checkpoint gets an integrity
+  record (train/checkpoints.py): a damaged one is reported, moved to
+  `<model>/corrupt_checkpoints/`, and the next older one is used; a checkpoint that fails
+  to restore for any other reason stops the run with one line and nothing is moved.
 - SIGTERM or SIGINT (Ctrl-C) stop training at the next step boundary with a checkpoint, then
   raise TrainingInterrupted; a second signal stops at once.
 - A non-finite loss (checked at every logged step) or non-finite parameters (checked before
@@ -21,7 +23,6 @@ Faults:
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -33,7 +34,9 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import multihost
 from jax.experimental import multihost_utils
 
+from wh_errmap.atomic import write_text
 from wh_errmap.errors import UserError
+from wh_errmap.train.checkpoints import checkpoint_manager, restore_latest, write_manifest
 from wh_errmap.signals import CaughtSignals
 from wh_errmap.train.sharding import batch_shardings, global_batch, replicated
 from wh_errmap.train.state import TrainState
@@ -78,48 +81,6 @@ def _all_finite(tree: Any) -> jax.Array:
                          jax.numpy.bool_(True))
 
 
-def _checkpoint_manager(directory: Path, keep: int) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      directory.absolute(), item_names=("state", "data"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-
-
-def _abstract(tree: Any) -> Any:
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
-def restore_latest(directory: str | Path, state: TrainState, progress: Progress = console,
-                   ) -> tuple[TrainState, dict | None, int | None]:
-  """(state, iterator state, step) of the newest readable checkpoint, or (state, None, None).
-
-  A checkpoint that fails to restore is reported through `progress`, moved to
-  `<directory>/../corrupt_checkpoints/<step>`, and the next older one is tried.
-  """
-  directory = Path(directory)
-  if not directory.exists():
-    return state, None, None
-  with _checkpoint_manager(directory, keep=1_000_000) as manager:
-    steps = sorted(manager.all_steps(), reverse=True)
-    for step in steps:
-      try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(state)), data=ocp.args.JsonRestore()))
-      # Orbax and TensorStore raise many exception types for damaged files.
-      except Exception as e:  # noqa: BLE001
-        aside = directory.parent / "corrupt_checkpoints" / str(step)
-        if jax.process_index() == 0:   # the checkpoint folder is shared by all processes
-          aside.parent.mkdir(parents=True, exist_ok=True)
-          shutil.rmtree(aside, ignore_errors=True)
-          shutil.move(str(directory / str(step)), aside)
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        progress(f"warning: checkpoint {directory / str(step)} is unreadable ({reason}); "
-                 f"moved to {aside}, using the previous one")
-        manager.reload()
-        continue
-      return restored.state, restored.data, step
-  return state, None, None
-
-
 def _iterator_states(iterator: Any) -> dict[str, Any]:
   """Every process's input-iterator state, {"process_<i>": state}, for one checkpoint.
 
@@ -148,12 +109,29 @@ def _own_iterator_state(states: dict[str, Any]) -> Any:
   return states[key]
 
 
-def _trim_metrics(path: Path, last_step: int) -> None:
-  """Drops records logged after the checkpoint we resume from (they will be redone)."""
-  if path.exists():
-    kept = [line for line in path.read_text().splitlines()
-            if line and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+def _metric_step(line: str) -> int | None:
+  """The step of one metrics.jsonl line; None for a line that is not a whole record (the
+  partial last line of a write cut short by a full disk or a kill)."""
+  try:
+    record = json.loads(line)
+  except ValueError:
+    return None
+  step = record.get("step") if isinstance(record, dict) else None
+  return step if isinstance(step, int) else None
+
+
+def _trim_metrics(path: Path, last_step: int, progress: Progress) -> None:
+  """Keeps the records up to the checkpoint we resume from (later ones will be redone) and
+  drops lines that are not whole records; the file is replaced atomically."""
+  if not path.exists():
+    return
+  lines = path.read_text(errors="replace").splitlines()
+  steps = [_metric_step(line) for line in lines]
+  broken = sum(1 for line, step in zip(lines, steps) if line.strip() and step is None)
+  if broken:
+    progress(f"warning: {path}: dropped {broken} line(s) that are not whole records")
+  write_text(path, "".join(line + "\n" for line, step in zip(lines, steps)
+                           if step is not None and step <= last_step))
 
 
 def _format_eta(seconds: float) -> str:
@@ -221,7 +199,8 @@ def train(name: str, workdir: str | Path, *, state: TrainState, step_fn: StepFn,
           dataset: Any, mesh: jax.sharding.Mesh, num_steps: int, seed: int,
           log_every: int = 50, checkpoint_every: int = 500, keep_checkpoints: int = 3,
           stop_at: int | None = None, frozen: Any = None, device_data: Any = None,
-          make_batch: MakeBatch | None = None, progress: Progress = console) -> TrainState:
+          make_batch: MakeBatch | None = None, allow_restart: bool = False,
+          progress: Progress = console) -> TrainState:
   """Trains `state` to `num_steps`, resuming from `workdir/name/checkpoints` if present.
 
   dataset: a grain IterDataset of this process's batches (NumPy pytrees).
@@ -233,6 +212,8 @@ def train(name: str, workdir: str | Path, *, state: TrainState, step_fn: StepFn,
   device_data, make_batch: batches made on the device (see compile_step): `dataset`
     yields what make_batch takes, device_data (NumPy or jax arrays) is replicated on the
     mesh once.
+  allow_restart: start from step 0 when every existing checkpoint is damaged (--overwrite)
+    instead of stopping (checkpoints.restore_latest).
   """
   if jax.process_index() != 0:   # one console for a multi-process run
     progress = lambda _: None  # noqa: E731
@@ -244,11 +225,12 @@ def train(name: str, workdir: str | Path, *, state: TrainState, step_fn: StepFn,
   _barrier(f"wh_errmap {name} folders")
   metrics_path = model_dir / "metrics.jsonl"
   iterator: Iterator = iter(dataset)
-  state, data_state, start = restore_latest(checkpoints, state, progress)
+  state, data_state, start = restore_latest(checkpoints, state, progress,
+                                            allow_restart=allow_restart)
   if start is not None:
     iterator.set_state(_own_iterator_state(data_state))
     if jax.process_index() == 0:   # one writer of the shared metrics file
-      _trim_metrics(metrics_path, start)
+      _trim_metrics(metrics_path, start, progress)
     if start < num_steps:
       progress(f"[{name}] resuming from the checkpoint at step {start}/{num_steps}")
   start = start or 0
@@ -261,7 +243,7 @@ def train(name: str, workdir: str | Path, *, state: TrainState, step_fn: StepFn,
     frozen = jax.device_put(frozen, replicated(mesh))
   if device_data is not None:
     device_data = jax.device_put(device_data, replicated(mesh))
-  manager = _checkpoint_manager(checkpoints, keep_checkpoints)
+  manager = checkpoint_manager(checkpoints, keep_checkpoints)
   last = num_steps if stop_at is None else min(stop_at, num_steps)
   layout = " x ".join(f"{n} {axis}" for axis, n in mesh.shape.items() if n > 1) or "1 device"
   progress(f"[{name}] training steps {start + 1}..{last} of {num_steps} on {mesh.size} "
@@ -278,6 +260,12 @@ def train(name: str, workdir: str | Path, *, state: TrainState, step_fn: StepFn,
       raise diverged("the parameters are not finite", step)
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(_iterator_states(iterator))))
+    # The integrity record needs the finished files: saving waits for them (a checkpoint
+    # every few hundred steps, of a few MB, makes this cheap).
+    manager.wait_until_finished()
+    _barrier(f"wh_errmap {name} checkpoint {step} written")
+    if jax.process_index() == 0:
+      write_manifest(checkpoints / str(step))
 
   try:
     with _StopSignals() as stop:

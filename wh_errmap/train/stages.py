@@ -74,7 +74,8 @@ def train_segmentor(config: ml_collections.ConfigDict, name: str,
                      mesh=mesh, num_steps=schedule.steps, seed=config.seed,
                      log_every=config.train.log_every,
                      checkpoint_every=config.train.checkpoint_every,
-                     keep_checkpoints=config.train.keep_checkpoints, progress=progress, **feed)
+                     keep_checkpoints=config.train.keep_checkpoints,
+                     allow_restart=config.get("overwrite", False), progress=progress, **feed)
   return model, {"params": state.params, "batch_stats": state.batch_stats}
 
 
@@ -109,6 +110,7 @@ def train_predictor(config: ml_collections.ConfigDict,
                      num_steps=schedule.steps, seed=config.seed + 1000,
                      log_every=config.train.log_every,
                      checkpoint_every=config.train.checkpoint_every,
-                     keep_checkpoints=config.train.keep_checkpoints, frozen=frozen,
+                     keep_checkpoints=config.train.keep_checkpoints,
+                     allow_restart=config.get("overwrite", False), frozen=frozen,
                      progress=progress, **feed)
   return model, {"params": state.params, "batch_stats": state.batch_stats}
