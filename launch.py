@@ -3,6 +3,7 @@
 Each experiment lives in experiments/NAME.py (get_config + run). Flags below override the
 config field of the same name; `--set` reaches any field, e.g. `--set=train.seg3d.batch_size=4`.
 """
+import os
 import sys
 
 from absl import app, flags, logging
@@ -59,8 +60,11 @@ def main(argv):
     message = storage_error_message(e)
     if message is None:
       raise
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # A save that failed leaves orbax's writer threads behind, and at interpreter exit they
+    # print tracebacks after this line: leave at once (every output is written atomically).
+    os._exit(2)
 
 
 if __name__ == "__main__":

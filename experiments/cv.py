@@ -26,7 +26,7 @@ from wh_errmap.progress import console
 from wh_errmap.report import build_report
 from wh_errmap.train.sharding import model_layout
 from wh_errmap.train.stages import SEGMENTORS
-from wh_errmap.workdir import record_config
+from wh_errmap.workdir import check_config, check_writable, record_config, run_lock
 
 LAUNCHER = (sys.executable, str(Path(__file__).resolve().parents[1] / "launch.py"))
 
@@ -71,11 +71,20 @@ def run_cv(config: ml_collections.ConfigDict, workdir: str, fold_experiment: str
   # than one per fold.
   for name in (*SEGMENTORS, "predictor"):
     model_layout(fold_config, name, num_devices=min(s.devices for s in slots), num_processes=1)
-  # What every child records and checks; written here once so children never race on it.
-  record_config(workdir, fold_config, defaults=base.get_config())
+  check_config(workdir, fold_config, defaults=base.get_config())
+  check_writable(workdir)
   # Phantom, preprocessing cache and splits.json, made once before the children read them.
   dataset_from_config(fold_config)
+  # What every child records and checks; written here once, once the data is found and
+  # valid, so children never race on it and a failed first command locks nothing in.
+  record_config(workdir, fold_config, defaults=base.get_config())
+  with run_lock(Path(workdir) / "cv.lock"):   # one cv parent per workdir
+    _run_and_report(config, workdir, fold_experiment, chosen, slots, start)
 
+
+def _run_and_report(config: ml_collections.ConfigDict, workdir: str, fold_experiment: str,
+                    chosen: tuple[int, ...], slots: list, start: float) -> None:
+  cv, num_folds = config.cv, config.splits.num_folds
   commands = {}
   for k in chosen:
     if config.stage == "all" and (Path(workdir) / f"fold{k}" / "records.json").exists():

@@ -11,7 +11,9 @@ checkpoint or records exist is not redone):
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
@@ -22,7 +24,7 @@ from wh_errmap.data.dataset import dataset_from_config
 from wh_errmap.errors import UserError
 from wh_errmap.evaluation import evaluate_fold, read_records, score_segmentors
 from wh_errmap.metrics import correlation_stats
-from wh_errmap.workdir import record_config
+from wh_errmap.workdir import check_config, check_writable, record_config, run_lock
 from wh_errmap.progress import console
 from wh_errmap.inference import inference_mesh
 from wh_errmap.train.sharding import model_layout
@@ -54,10 +56,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if config.stage != "all" and config.stage not in STAGES:
     raise UserError(f"unknown stage {config.stage!r}; choose 'all' or one of {', '.join(STAGES)}")
   stages = STAGES if config.stage == "all" else (config.stage,)
-  # Every model's batch must fit the devices: say so before any data or training work.
+  # Every model's batch must fit the devices, and the settings the workdir's: say so
+  # before any data or training work. The settings are recorded only once the data is
+  # found and valid, so a mistyped --data_dir does not lock them in.
   layouts = {name: model_layout(config, name) for name in (*SEGMENTORS, "predictor")}
-  record_config(workdir, config, defaults=base.get_config())
+  check_config(workdir, config, defaults=base.get_config())
+  check_writable(workdir)
   dataset = dataset_from_config(config)
+  record_config(workdir, config, defaults=base.get_config())
+  # One run per fold at a time (a double launch, a requeued job while the old one lives);
+  # with several processes (jax.distributed), process 0 holds it for all.
+  lock = (run_lock(Path(workdir) / f"fold{config.fold}.lock") if jax.process_index() == 0
+          else contextlib.nullcontext())
+  with lock:
+    _run_fold(config, workdir, dataset, stages, layouts)
+
+
+def _run_fold(config: ml_collections.ConfigDict, workdir: str, dataset: Any,
+              stages: tuple[str, ...], layouts: dict[str, Any]) -> None:
   train_cases, test_cases = dataset.fold(config.fold)
   fold_dir = Path(workdir) / f"fold{config.fold}"
   console(f"fold {config.fold}: {len(train_cases)} training and {len(test_cases)} test cases; "

@@ -3,27 +3,68 @@ line and exits with status 2 instead of showing a traceback."""
 from __future__ import annotations
 
 import errno
+import os
+import re
 
-# OSErrors that mean "this location cannot take the output", whoever raised them.
-STORAGE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-                  errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-                  errno.EROFS: "the file system is read-only",
-                  errno.ENOTDIR: "a part of the path is a file, not a folder"}
+# OSErrors that mean the storage cannot take or give the data, whoever raised them:
+# (what happened, what to do). Space and read-only errors only arise when writing; a
+# permission error may come from reading (another user's 0600 file) as well as writing.
+_SPACE = ("free space or choose another --workdir / --cache_dir, then run the same command "
+          "to resume")
+_ACCESS = ("check the permissions of that file and its folders, or choose another --workdir "
+           "/ --cache_dir")
+STORAGE_ERRNOS = {
+    errno.ENOSPC: ("the disk is full writing", _SPACE),
+    errno.EDQUOT: ("the disk quota is exceeded writing", _SPACE),
+    errno.EROFS: ("the file system is read-only: cannot write", _SPACE),
+    errno.EACCES: ("permission denied reading or writing", _ACCESS),
+    errno.EPERM: ("permission denied reading or writing", _ACCESS),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder:", _ACCESS),
+}
+
+
+# TensorStore (under orbax) reports OS errors inside its own messages, e.g. `Error writing
+# local file "PATH": ... No space left on device [os_error_code='28']`.
+_TENSORSTORE_ERRNO = re.compile(r"\[os_error_code='(\d+)'\]")
+_TENSORSTORE_FILE = re.compile(r'local file "([^"]+)"')
 
 
 class UserError(Exception):
   """A problem the user can fix (bad file, bad flag, inconsistent workdir)."""
 
 
-def storage_error_message(error: BaseException) -> str | None:
-  """One line for a full disk or an unwritable location anywhere in the exception's chain
-  (checkpoint libraries wrap the OSError in their own exceptions); None for other errors."""
+def _causes(error: BaseException):
+  """The exception and what caused it: `raise ... from` links, and an implicit context
+  only when the outer message repeats the inner one (a library wrapping the error it
+  caught), never an unrelated exception that merely happened while handling another."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
-    if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
-      where = f" writing {error.filename}" if error.filename else ""
-      return (f"{STORAGE_ERRNOS[error.errno]}{where} ({error.strerror}); free space or choose "
-              f"another --workdir / --cache_dir, then run the same command to resume")
-    error = error.__cause__ or error.__context__
+    yield error
+    if error.__cause__ is not None:
+      error = error.__cause__
+    elif (error.__context__ is not None and not error.__suppress_context__
+          and str(error.__context__) and str(error.__context__) in str(error)):
+      error = error.__context__
+    else:
+      error = None
+
+
+def storage_error_message(error: BaseException) -> str | None:
+  """One line for a full disk, a read-only file system or a permission problem that caused
+  `error` (checkpoint libraries wrap the OSError in their own exceptions); None otherwise."""
+  for cause in _causes(error):
+    if isinstance(cause, OSError):
+      code, filename, strerror = cause.errno, cause.filename, cause.strerror
+    else:
+      found = _TENSORSTORE_ERRNO.search(str(cause))
+      if found is None:
+        continue
+      code = int(found.group(1))
+      where = _TENSORSTORE_FILE.search(str(cause))
+      filename, strerror = (where.group(1) if where else None), os.strerror(code)
+    if code in STORAGE_ERRNOS:
+      what, advice = STORAGE_ERRNOS[code]
+      where = f" {filename}" if filename else ""
+      return f"{what}{where} ({strerror}); {advice}"
   return None
