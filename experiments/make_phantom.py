@@ -1,4 +1,8 @@
-"""Writes the synthetic whole-heart phantom in the MMWHS layout into --data_dir."""
+"""Writes the synthetic whole-heart phantom in the MMWHS layout into --data_dir.
+
+The phantom's file names are those of the real MMWHS data, so --data_dir must be new, empty
+or hold only the phantom's earlier output; any other folder is refused (write_phantom).
+"""
 from __future__ import annotations
 
 import time

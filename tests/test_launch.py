@@ -124,3 +124,59 @@ def test_a_batch_that_cannot_be_laid_out_is_one_line_and_status_2(tmp_path, sett
   assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], result.stderr
   assert not (tmp_path / "run" / "config.json").exists()
   assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").glob("phantom*"))
+
+
+def _two_cases(folder: Path) -> Path:
+  folder.mkdir()
+  label = blob_label()
+  for number in (1001, 1002):
+    write_nifti(folder / f"mr_train_{number}_image.nii.gz",
+                np.full(label.shape, 100, np.float32) + (label > 0))
+    write_nifti(folder / f"mr_train_{number}_label.nii.gz", label)
+  return folder
+
+
+def _one_error_line(result) -> str:
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+  assert "Traceback" not in result.stdout + result.stderr
+  return lines[0]
+
+
+def test_make_phantom_refuses_a_folder_it_did_not_write(tmp_path):
+  """The phantom's file names are those of the real MMWHS data: it never overwrites them."""
+  data = tmp_path / "mmwhs"
+  data.mkdir()
+  real = write_nifti(data / "mr_train_1001_image.nii.gz", np.ones((4, 4, 4), np.int16))
+  stored = real.read_bytes()
+  line = _one_error_line(launch("--experiment=make_phantom", f"--data_dir={data}",
+                                "--num_cases=1", cache=tmp_path / "cache"))
+  assert str(data) in line and "mr_train_1001_image.nii.gz" in line
+  assert real.read_bytes() == stored and [p.name for p in data.iterdir()] == [real.name]
+
+
+@pytest.mark.parametrize("problem, named", [("nan_sform", "sform affine has NaN"),
+                                            ("huge", "larger than the limit")])
+def test_bad_header_is_one_line_and_status_2(tmp_path, problem, named):
+  culprit = _two_cases(tmp_path / "data") / "mr_train_1002_image.nii.gz"
+  raw = bytearray(gzip.decompress(culprit.read_bytes()))
+  if problem == "nan_sform":
+    raw[280:284] = np.array([np.nan], "<f4").tobytes()  # the first entry of srow_x
+  else:
+    raw[40:56] = np.array([3, 2048, 2048, 300, 1, 1, 1, 1], "<i2").tobytes()  # dim
+    del raw[352:]  # the header alone: a complete file would hold 5 GB of float32
+  culprit.write_bytes(gzip.compress(bytes(raw)))
+  line = _one_error_line(launch("--experiment=prepare_data", f"--data_dir={tmp_path / 'data'}",
+                                "--set=splits.num_folds=2", cache=tmp_path / "cache"))
+  assert culprit.name in line and named in line
+
+
+def test_prepare_data_follows_a_symlinked_folder(tmp_path):
+  elsewhere = _two_cases(tmp_path / "elsewhere")
+  (tmp_path / "data").mkdir()
+  (tmp_path / "data" / "mr_train").symlink_to(elsewhere, target_is_directory=True)
+  result = launch("--experiment=prepare_data", f"--data_dir={tmp_path / 'data'}",
+                  "--set=splits.num_folds=2", cache=tmp_path / "cache")
+  assert result.returncode == 0, result.stderr
+  assert "mr_train_1002" in result.stdout

@@ -44,6 +44,20 @@ def test_find_cases_errors(tmp_path):
     find_cases(tmp_path)
 
 
+def test_find_cases_follows_symlinked_folders(tmp_path):
+  touch(tmp_path / "elsewhere", "mr_train_1001_image.nii.gz", "mr_train_1001_label.nii.gz")
+  data = tmp_path / "data"
+  data.mkdir()
+  (data / "mr_train").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+  (tmp_path / "elsewhere" / "loop").symlink_to(data, target_is_directory=True)  # a cycle
+  cases = find_cases(data, require_labels=True)
+  assert [c.case_id for c in cases] == ["mr_train_1001"]
+  assert cases[0].image_path == data / "mr_train" / "mr_train_1001_image.nii.gz"
+  # A second link to the same folder is not a second copy of its cases.
+  (data / "second").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+  assert [c.case_id for c in find_cases(data)] == ["mr_train_1001"]
+
+
 @pytest.mark.parametrize("num_cases", [5, 20, 23])
 def test_every_case_tested_exactly_once(num_cases):
   ids = [f"case{i:02d}" for i in range(num_cases)]

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from tests.conftest import write_nifti
+from wh_errmap.data import phantom
 from wh_errmap.data.nifti_io import MMWHS_CODES, STRUCTURES, load_case
 from wh_errmap.data.phantom import make_phantom_case, phantom_geometry, write_phantom
+from wh_errmap.errors import UserError
 
 # Coarse voxels keep the volumes small; the geometry and appearance code paths are the same.
 COARSE = 2.0
@@ -121,3 +124,50 @@ def test_blood_bright_myocardium_dark(cases):
     pools = ("LV", "RV", "LA", "RA", "AO", "PA")
     assert min(mean[name] for name in pools) > 1.5 * mean["Myo"]
     assert abs(mean["LV"] - mean["LA"]) / mean["LV"] < 0.15
+
+
+def _tiny_case(seed, index, spacing_scale):
+  """Stands in for make_phantom_case where only the files written matter."""
+  label = np.zeros((4, 4, 4), np.uint16)
+  label[1:3, 1:3, 1:3] = MMWHS_CODES[index % 7]
+  return (label > 0).astype(np.int16), label, np.eye(4)
+
+
+def test_header_names_the_phantom(written):
+  for image, label in written[1]:
+    for path in (image, label):
+      assert bytes(nib.load(str(path)).header["descrip"]).startswith(b"wh_errmap phantom, seed 7")
+
+
+def test_writes_over_its_own_output_only(tmp_path, monkeypatch):
+  monkeypatch.setattr(phantom, "make_phantom_case", _tiny_case)
+  data_dir = tmp_path / "new" / "data"
+  write_phantom(data_dir, num_cases=2, progress=None, workers=1)
+  (data_dir / ".mr_train_1003_image.nii.gz.k2x9.nii.gz").write_bytes(b"")  # killed mid-write
+  write_phantom(data_dir, num_cases=3, progress=None, workers=1)
+  assert len(list(data_dir.glob("mr_train_*.nii.gz"))) == 6
+
+
+@pytest.mark.parametrize("foreign", ["mr_train_1001_image.nii.gz", "notes.txt", "mr_train/"])
+def test_refuses_a_folder_with_files_it_did_not_write(tmp_path, monkeypatch, foreign):
+  """Its file names are those of the real MMWHS data: never overwrite what it did not write."""
+  monkeypatch.setattr(phantom, "make_phantom_case", _tiny_case)
+  data_dir = tmp_path / "data"
+  write_phantom(data_dir, num_cases=1, progress=None, workers=1)
+  if foreign.endswith("/"):
+    (data_dir / foreign).mkdir()
+  elif foreign.endswith(".nii.gz"):
+    write_nifti(data_dir / foreign, np.ones((4, 4, 4), np.int16))
+  else:
+    (data_dir / foreign).write_text("x")
+  before = {p.name: p.read_bytes() for p in data_dir.iterdir() if p.is_file()}
+  with pytest.raises(UserError, match=f"{data_dir}: holds files the phantom generator did not "
+                                      f"write \\({foreign.rstrip('/')}\\)"):
+    write_phantom(data_dir, num_cases=2, progress=None, workers=1)
+  assert {p.name: p.read_bytes() for p in data_dir.iterdir() if p.is_file()} == before
+
+
+def test_refuses_a_file_as_its_folder(tmp_path):
+  (tmp_path / "data").write_text("x")
+  with pytest.raises(UserError, match="is a file, not a folder"):
+    write_phantom(tmp_path / "data", num_cases=1, progress=None, workers=1)

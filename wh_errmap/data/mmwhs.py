@@ -5,7 +5,7 @@
     mr_test_2001_image.nii.gz    (no label)
 
 `.nii` files are accepted as well; subfolders are searched too (MMWHS ships the train
-cases in `mr_train/` and the test images in `mr_test/`).
+cases in `mr_train/` and the test images in `mr_test/`), symlinked ones included.
 """
 from __future__ import annotations
 
@@ -28,6 +28,21 @@ class CasePaths:
   label_path: Path | None      # None for unlabelled (test) images
 
 
+def _files_under(root: Path) -> list[Path]:
+  """All files under `root`, sorted, following symlinked folders (which `Path.rglob` does not
+  enter). A folder reached again through a link, as in a link cycle, is searched once."""
+  seen, files = set(), []
+  for folder, subfolders, names in os.walk(root, followlinks=True):
+    real = os.path.realpath(folder)
+    if real in seen:
+      subfolders.clear()
+      continue
+    seen.add(real)
+    subfolders.sort()  # the first path to a folder reached twice is the one kept
+    files += [Path(folder) / name for name in names]
+  return sorted(files)
+
+
 def find_cases(data_dir: str | os.PathLike, modality: str | None = None,
                require_labels: bool = False) -> list[CasePaths]:
   """Finds image/label pairs under `data_dir`, sorted by modality, split and number.
@@ -39,7 +54,7 @@ def find_cases(data_dir: str | os.PathLike, modality: str | None = None,
   if not root.is_dir():
     raise InvalidCaseError(root, "data directory not found")
   found: dict[tuple, dict[str, Path]] = {}
-  for path in sorted(root.rglob("*.nii*")):
+  for path in _files_under(root):
     match = _NAME.match(path.name)
     if match is None or (modality and match["modality"] != modality):
       continue

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import io
+import math
 import os
+import re
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import nibabel as nib
 import numpy as np
@@ -23,15 +27,21 @@ STRUCTURES = ("Myo", "LA", "LV", "RA", "RV", "AO", "PA")
 NUM_CLASSES = len(STRUCTURES) + 1
 # Header affines of an image and its label may differ by rounding in the writer.
 AFFINE_TOLERANCE = 1e-3
+# Volumes with more voxels are refused from their header, before any data is read. A
+# whole-body CT at 1 mm is about 512 x 512 x 2000 = 5.2e8 voxels, half the limit; a volume
+# at the limit takes 4.3 GB per float32 copy, and loading and preprocessing hold several.
+MAX_VOXELS = 2**30
+_READ_CHUNK = 1 << 24  # bytes
 
 
 class InvalidCaseError(UserError, ValueError):
-  """An input file that cannot be used; the message names the file and the problem."""
+  """An input file that cannot be used; the message names the file and the problem, on one
+  line (the messages of nibabel's exceptions, quoted in some problems, can span several)."""
 
   def __init__(self, path: str | os.PathLike, problem: str):
     self.path = str(path)
-    self.problem = problem
-    super().__init__(f"{self.path}: {problem}")
+    self.problem = re.sub(r"\s*\n\s*", " ", problem)
+    super().__init__(f"{self.path}: {self.problem}")
 
 
 @dataclasses.dataclass
@@ -66,53 +76,151 @@ def case_id_from_path(path: str | os.PathLike) -> str:
   return name
 
 
-def _open_nifti(path: Path) -> nib.Nifti1Image:
-  """Parses a .nii or .nii.gz file fully in memory.
-
-  A .gz file is decompressed whole first, so its CRC is checked: nibabel alone stops
-  reading at the end of the data and never sees a corrupted stream's bad checksum.
-  """
-  raw = path.read_bytes()
-  if raw[:2] == b"\x1f\x8b":
-    try:
-      raw = gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as e:
-      raise InvalidCaseError(path, f"corrupt or truncated gzip data ({e})") from None
-  elif path.name.endswith(".gz"):
-    raise InvalidCaseError(path, "not a gzip file although the name ends in .gz")
-  header_size = {int.from_bytes(raw[:4], order) for order in ("little", "big")}
-  if 348 in header_size:
-    image_class = nib.Nifti1Image
-  elif 540 in header_size:
-    image_class = nib.Nifti2Image
-  else:
+def _header(path: Path, head: bytes) -> nib.Nifti1Header:
+  """The NIfTI-1 or -2 header at the start of `head`, as stored (nibabel's fixes unapplied)."""
+  sizes = {int.from_bytes(head[:4], order) for order in ("little", "big")}
+  header_class = (nib.Nifti1Header if 348 in sizes else nib.Nifti2Header if 540 in sizes
+                  else None)
+  if header_class is None:
     raise InvalidCaseError(path, "not a NIfTI file (no NIfTI-1/2 header)")
+  if len(head) < header_class.sizeof_hdr:
+    raise InvalidCaseError(path, "truncated inside its NIfTI header")
   try:
-    return image_class.from_bytes(raw)
+    return header_class.from_fileobj(io.BytesIO(head), check=False)
   except Exception as e:  # nibabel raises many types for malformed headers
     raise InvalidCaseError(path, f"not a valid NIfTI file ({type(e).__name__}: {e})") from None
 
 
+def _volume_layout(path: Path, header: nib.Nifti1Header) -> tuple[tuple[int, int, int], int]:
+  """The (X, Y, Z) shape a header describes, and the length the file must have to hold it.
+
+  Checked from the header alone, before any voxel is read: a 4D file, a huge file or one of
+  a type that is not real numbers is refused without decompressing it.
+  """
+  try:
+    shape = tuple(int(d) for d in header.get_data_shape())
+    dtype = header.get_data_dtype()
+    offset = int(header.get_data_offset())
+  except Exception as e:
+    raise InvalidCaseError(path, f"not a valid NIfTI file ({type(e).__name__}: {e})") from None
+  if len(shape) < 3 or any(d != 1 for d in shape[3:]) or min(shape[:3]) <= 1:
+    raise InvalidCaseError(path, f"expected a 3D volume, got shape {shape}")
+  voxels = math.prod(shape[:3])
+  if voxels > MAX_VOXELS:
+    raise InvalidCaseError(
+        path, f"volume of {'x'.join(map(str, shape[:3]))} = {voxels:,} voxels is larger than "
+        f"the limit of {MAX_VOXELS:,} (MAX_VOXELS in wh_errmap/data/nifti_io.py)")
+  if dtype.kind not in "biuf":
+    raise InvalidCaseError(path, f"voxel type {dtype} is not a real number type")
+  # nibabel reads the data from at least just past the header and its extension flag.
+  start = max(offset, header.sizeof_hdr + 4)
+  return shape[:3], start + voxels * dtype.itemsize
+
+
+def _out_of_memory(path: Path, voxels: int) -> InvalidCaseError:
+  return InvalidCaseError(path, f"not enough memory to read it ({voxels:,} voxels, "
+                                f"{4 * voxels / 1e9:.1f} GB as float32)")
+
+
+def _read_up_to(stream: BinaryIO, size: int, head: bytes) -> bytes:
+  """`head` and then at most `size` more bytes of `stream`, fewer at its end. Read in chunks,
+  so that a header promising more data than the file holds costs no more memory than the
+  file's data does."""
+  chunks = [head]
+  while size > 0 and (chunk := stream.read(min(size, _READ_CHUNK))):
+    chunks.append(chunk)
+    size -= len(chunk)
+  return b"".join(chunks)
+
+
+def _read_nifti(path: Path) -> tuple[bytes, nib.Nifti1Header, tuple[int, int, int]]:
+  """The bytes of a .nii or .nii.gz file up to the end of its data, its header as stored and
+  its (X, Y, Z) shape.
+
+  The header is checked first, and only the bytes it describes are kept; a .gz stream is
+  still read to its end, so that its CRC is checked (nibabel alone stops reading at the end
+  of the data and never sees a corrupted stream's bad checksum).
+  """
+  try:
+    with open(path, "rb") as f:
+      compressed = f.read(2) == b"\x1f\x8b"
+  except OSError as e:
+    raise InvalidCaseError(path, f"cannot be read ({e.strerror or e})") from None
+  if not compressed and path.name.endswith(".gz"):
+    raise InvalidCaseError(path, "not a gzip file although the name ends in .gz")
+  try:
+    with (gzip.open(path, "rb") if compressed else open(path, "rb")) as stream:
+      head = stream.read(nib.Nifti2Header.sizeof_hdr)
+      header = _header(path, head)
+      shape, needed = _volume_layout(path, header)
+      try:
+        raw = _read_up_to(stream, needed - len(head), head)
+      except MemoryError:
+        raise _out_of_memory(path, math.prod(shape)) from None
+      if len(raw) < needed:
+        holder = "decompressed file" if compressed else "file"
+        raise InvalidCaseError(path, f"truncated: the header describes {needed:,} bytes, "
+                                     f"the {holder} holds {len(raw):,}")
+      while compressed and stream.read(_READ_CHUNK):
+        pass
+  except (EOFError, OSError, zlib.error) as e:
+    if not compressed:
+      raise InvalidCaseError(path, f"cannot be read ({getattr(e, 'strerror', None) or e})"
+                             ) from None
+    raise InvalidCaseError(path, f"corrupt or truncated gzip data ({e})") from None
+  return raw, header, shape
+
+
+def _check_voxel_size(path: Path, header: nib.Nifti1Header) -> None:
+  """Without an sform, pixdim[1:4] scale the voxel axes; nibabel would silently turn a zero
+  into 1 mm, so the header as stored is checked before nibabel reads it."""
+  zooms = np.asarray(header["pixdim"][1:4], np.float64)
+  if header["sform_code"] == 0 and not np.all(np.isfinite(zooms) & (zooms != 0)):
+    raise InvalidCaseError(path, f"voxel size pixdim[1:4] = {np.round(zooms, 4).tolist()} is "
+                                 "zero or not finite, and the header has no sform: no "
+                                 "orientation can be derived")
+
+
+def _check_affine(path: Path, header: nib.Nifti1Header, affine: np.ndarray) -> None:
+  """Refuses a voxel -> world affine that is not finite and invertible."""
+  source = ("sform" if header["sform_code"] != 0 else
+            "qform" if header["qform_code"] != 0 else "pixdim")
+  if not np.all(np.isfinite(affine)):
+    raise InvalidCaseError(path, f"the header's {source} affine has NaN or infinite entries: "
+                                 "no orientation can be derived")
+  axes = affine[:3, :3]
+  sizes = np.linalg.norm(axes, axis=0)
+  # |det| of the unit voxel axes: 1 when they are orthogonal, 0 when they do not span 3D.
+  if np.any(sizes == 0) or abs(np.linalg.det(axes / sizes)) < 1e-6:
+    raise InvalidCaseError(path, f"the header's {source} affine is singular (its voxel axes "
+                                 "do not span 3D space): no orientation can be derived")
+
+
 def _read(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-  """Loads data and affine, turning every failure into InvalidCaseError."""
+  """Loads an (X, Y, Z) volume and its affine, turning every failure into InvalidCaseError."""
   path = Path(path)
   if not path.is_file():
     raise InvalidCaseError(path, "file not found")
   if path.stat().st_size == 0:
     raise InvalidCaseError(path, "file is empty")
-  img = _open_nifti(path)
+  raw, header, shape = _read_nifti(path)
+  _check_voxel_size(path, header)
+  image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+  try:
+    img = image_class.from_bytes(raw)
+  except MemoryError:
+    raise _out_of_memory(path, math.prod(shape)) from None
+  except Exception as e:  # nibabel raises many types for malformed headers
+    raise InvalidCaseError(path, f"not a valid NIfTI file ({type(e).__name__}: {e})") from None
+  affine = np.asarray(img.affine, np.float64)
+  _check_affine(path, header, affine)
   try:
     data = np.asanyarray(img.dataobj)
-  except Exception as e:  # a header that promises more data than the file holds, etc.
+  except MemoryError:
+    raise _out_of_memory(path, math.prod(shape)) from None
+  except Exception as e:  # data that nibabel cannot decode as the header describes it
     raise InvalidCaseError(path, f"corrupt or truncated data ({type(e).__name__}: {e})") from None
-  return data, img.affine
-
-
-def _as_3d(path, data: np.ndarray) -> np.ndarray:
-  extra = [d for d in data.shape[3:] if d != 1]
-  if data.ndim < 3 or extra or min(data.shape[:3]) <= 1:
-    raise InvalidCaseError(path, f"expected a 3D volume, got shape {tuple(data.shape)}")
-  return data.reshape(data.shape[:3])
+  return data.reshape(shape), affine
 
 
 def to_canonical(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -154,14 +262,20 @@ def load_case(image_path: str | os.PathLike,
               case_id: str | None = None) -> Case:
   """Loads and validates an image (and its label), reoriented to RAS+."""
   raw_image, affine = _read(image_path)
-  raw_image = _as_3d(image_path, raw_image)
+  try:
+    return _make_case(raw_image, affine, image_path, label_path, case_id)
+  except MemoryError:
+    raise _out_of_memory(image_path, raw_image.size) from None
+
+
+def _make_case(raw_image: np.ndarray, affine: np.ndarray, image_path: str | os.PathLike,
+               label_path: str | os.PathLike | None, case_id: str | None) -> Case:
   image = np.asarray(raw_image, dtype=np.float32)
   if not np.all(np.isfinite(image)):
     raise InvalidCaseError(image_path, "image has NaN or Inf intensities")
   label = None
   if label_path is not None:
     raw_label, label_affine = _read(label_path)
-    raw_label = _as_3d(label_path, raw_label)
     if raw_label.shape != image.shape:
       raise InvalidCaseError(
           label_path, f"label shape {raw_label.shape} does not match image shape {image.shape} "
@@ -189,10 +303,15 @@ def load_case(image_path: str | os.PathLike,
   )
 
 
-def save_nifti(path: str | os.PathLike, volume: np.ndarray, affine: np.ndarray) -> None:
-  """Writes a NIfTI file atomically: a crash never leaves a truncated file under `path`."""
+def save_nifti(path: str | os.PathLike, volume: np.ndarray, affine: np.ndarray,
+               description: str = "") -> None:
+  """Writes a NIfTI file atomically: a crash never leaves a truncated file under `path`.
+
+  description: the header's `descrip` text (at most 80 ASCII characters).
+  """
   suffix = ".nii.gz" if str(path).endswith(".nii.gz") else ".nii"
   img = nib.Nifti1Image(volume, affine)
   img.header.set_xyzt_units("mm")
+  img.header["descrip"] = description
   with atomic_path(path, suffix) as tmp:
     nib.save(img, str(tmp))

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import gzip
 import multiprocessing
 import os
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +38,7 @@ import numpy as np
 from scipy import ndimage
 
 from wh_errmap.data.nifti_io import MMWHS_CODES, save_nifti
+from wh_errmap.errors import UserError
 from wh_errmap.progress import console
 
 MYO, LA, LV, RA, RV, AO, PA = MMWHS_CODES
@@ -49,6 +52,12 @@ ORIENTATIONS = ("LPS", "RAS", "LAS", "RPI", "PSR", "ASL", "LSA", "RIP")
 _AXIS_OF = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0),
             "S": (2, 1.0), "I": (2, -1.0)}
 MIN_MARGIN_MM = 20.0  # scan coverage beyond the heart, more than the crop margin of 16 mm
+# Start of the header description (NIfTI `descrip`) of every file the phantom writes. Its
+# file names are those of the real MMWHS data, so write_phantom writes only into a folder
+# whose files all carry it.
+DESCRIPTION = "wh_errmap phantom"
+# Temporary files of a save_nifti that was killed (atomic_path names them `.NAME.*`).
+_LEFTOVER = re.compile(r"^\.mr_train_\d+_(image|label)\.nii\.gz\.")
 
 
 def _unit(v) -> np.ndarray:
@@ -555,12 +564,44 @@ def _write_case(data_dir: Path, seed: int, index: int,
   image, label, affine = make_phantom_case(seed, index, spacing_scale)
   name = f"mr_train_{1001 + index}"
   image_path, label_path = data_dir / f"{name}_image.nii.gz", data_dir / f"{name}_label.nii.gz"
-  save_nifti(image_path, image, affine)
-  save_nifti(label_path, label, affine)
+  description = f"{DESCRIPTION}, seed {seed}, case {index}"
+  save_nifti(image_path, image, affine, description)
+  save_nifti(label_path, label, affine, description)
   spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
   summary = (f"{name}: {'x'.join(map(str, image.shape))} voxels, "
              f"{'x'.join(f'{s:.2f}' for s in spacing)} mm, {''.join(nib.aff2axcodes(affine))}")
   return image_path, label_path, summary
+
+
+def _written_by_phantom(path: Path) -> bool:
+  """Whether `path` is a .nii.gz file whose NIfTI-1 header description starts with
+  DESCRIPTION."""
+  if not (path.name.endswith(".nii.gz") and path.is_file()):
+    return False
+  try:
+    with gzip.open(path, "rb") as f:
+      header = nib.Nifti1Header.from_fileobj(f, check=False)
+  except Exception:  # not gzip, not NIfTI-1, truncated: not a phantom file in any case
+    return False
+  return header["descrip"].item().startswith(DESCRIPTION.encode())
+
+
+def _check_only_phantom_files(data_dir: Path) -> None:
+  """Refuses a folder holding anything but phantom files (and leftovers of writing them)."""
+  if not data_dir.exists():
+    return
+  if not data_dir.is_dir():
+    raise UserError(f"{data_dir}: is a file, not a folder to write the phantom to")
+  foreign = [p.name for p in sorted(data_dir.iterdir())
+             if not (_LEFTOVER.match(p.name) or _written_by_phantom(p))]
+  if foreign:
+    listing = ", ".join(foreign[:3])
+    if len(foreign) > 3:
+      listing += f" and {len(foreign) - 3} more"
+    raise UserError(
+        f"{data_dir}: holds files the phantom generator did not write ({listing}); its files "
+        "take the names of the real MMWHS data (mr_train_1001_image.nii.gz, ...), so it writes "
+        "only into a new or empty folder or over its own earlier output: choose another folder")
 
 
 def write_phantom(data_dir: str | os.PathLike, num_cases: int = 20, seed: int = 0,
@@ -568,11 +609,14 @@ def write_phantom(data_dir: str | os.PathLike, num_cases: int = 20, seed: int = 
                   spacing_scale: float = 1.0) -> list[tuple[Path, Path]]:
   """Writes `num_cases` phantom cases as mr_train_{1001+i}_{image,label}.nii.gz.
 
-  Existing files are overwritten. Cases are generated in `workers` processes; each case
+  `data_dir` must be new, empty or hold only earlier phantom output (files whose header
+  description starts with DESCRIPTION), which is overwritten; anything else raises
+  UserError before a file is written. Cases are generated in `workers` processes; each case
   depends only on (seed, index), so the files are the same for any number of workers.
   Returns the (image, label) paths in case order; `progress` gets one line per case.
   """
   data_dir = Path(data_dir)
+  _check_only_phantom_files(data_dir)
   data_dir.mkdir(parents=True, exist_ok=True)
   args = [(data_dir, seed, i, spacing_scale) for i in range(num_cases)]
   paths = []
