@@ -32,7 +32,9 @@ _FIELDS = {
     "image": flags.DEFINE_string("image", None, "predict: image file or folder."),
     "mask": flags.DEFINE_string("mask", None, "predict: mask file or folder."),
     "overwrite": flags.DEFINE_boolean(
-        "overwrite", None, "Move aside a workdir recorded with other settings, start afresh."),
+        "overwrite", None, "Move aside a workdir recorded with other settings and start afresh, "
+        "or train a model whose checkpoints are all damaged from scratch; predict: replace "
+        "existing results."),
 }
 
 

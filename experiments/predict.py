@@ -3,9 +3,11 @@
   python launch.py --experiment=predict --image=X.nii.gz --mask=Y.nii.gz --workdir=RUN
   python launch.py --experiment=predict --image=IMAGES/ --mask=MASKS/ --workdir=RUN
 
-Writes <case>_error_prob.nii.gz, <case>_error.nii.gz (on the image's own grid) and
-<case>_qc.json (QI and counts) to --set=output_dir=... (default RUN/predict), plus
-summary.json for a folder. In a folder, a bad pair is reported and skipped.
+Writes <pair>_error_prob.nii.gz, <pair>_error.nii.gz (on the image's own grid) and
+<pair>_qc.json (QI, counts, inputs, predictor), pair = <image case>__<mask name>, to
+--set=output_dir=... (default RUN/predict), plus a new summary-<time>.json for a folder.
+The run itself is only read. An existing result is replaced only with --overwrite; the
+same assessment again is reused. In a folder, a failing pair is reported and skipped.
 """
 from __future__ import annotations
 
@@ -14,9 +16,8 @@ from pathlib import Path
 import ml_collections
 
 from experiments import base
-from wh_errmap.atomic import write_json
 from wh_errmap.errors import UserError
-from wh_errmap.predict import assess, assess_many, load_predictor, pair_folder
+from wh_errmap.predict import assess, assess_many, load_predictor, pair_folder, write_summary
 from wh_errmap.progress import console
 from wh_errmap.workdir import check_writable
 
@@ -28,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.output_dir = ""   # "" = <workdir>/predict
   c.fold = 0          # whose predictor to use (any trained fold of the run)
   c.threshold = 0.5   # error probability above which a voxel counts as wrong
+  c.allow_partial = False  # use a predictor whose training has not finished (announced)
   return c
 
 
@@ -35,21 +37,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if not config.image or not config.mask:
     raise UserError("predict needs --image and --mask (two files, or two folders)")
   image, mask = Path(config.image), Path(config.mask)
+  if image.is_dir() != mask.is_dir():
+    raise UserError(f"--image={image} and --mask={mask}: give two files or two folders")
   output_dir = check_writable(config.output_dir or Path(workdir) / "predict")
-  model, variables, run_config = load_predictor(workdir, config.fold)
-  predictor = (model, variables)
+  predictor = load_predictor(workdir, config.fold, config.allow_partial)
+  partial = ("" if predictor.finished else
+             f" (PARTLY TRAINED predictor: step {predictor.step} of {predictor.total_steps})")
   if not image.is_dir():
-    result = assess(image, mask, predictor, run_config, output_dir, config.threshold)
-    console(f"{result['case_id']}: QI {result['qi']:.4f} (soft {result['soft_qi']:.4f}); "
-            f"outputs in {output_dir}")
+    result, reused = assess(image, mask, predictor, output_dir, config.threshold,
+                            config.overwrite)
+    kept = "already assessed, kept: use --overwrite to redo; " if reused else ""
+    console(f"{result['pair']}: QI {result['qi']:.4f} (soft {result['soft_qi']:.4f}); "
+            f"{kept}outputs in {output_dir}{partial}")
     return
-  if not mask.is_dir():
-    raise UserError(f"{mask}: --image is a folder, so --mask must be a folder too")
   pairs, problems = pair_folder(image, mask)
-  results, failed = assess_many(pairs, predictor, run_config, output_dir, config.threshold,
-                                console)
+  results, reused, failed = assess_many(pairs, predictor, output_dir, config.threshold,
+                                        config.overwrite, console)
   problems += failed
-  write_json(output_dir / "summary.json", {"cases": results, "problems": problems})
-  console(f"{len(results)} cases assessed; outputs in {output_dir}")
+  summary = write_summary(output_dir, {
+      "predictor": predictor.provenance, "threshold": config.threshold, "cases": results,
+      "already_assessed": reused, "problems": problems})
+  console(f"{len(results)} pairs assessed ({len(reused)} of them kept from before); "
+          f"summary in {summary}{partial}")
   if problems:
     raise UserError(f"{len(problems)} input(s) skipped: " + "; ".join(problems))

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from wh_errmap.atomic import write_json
 from wh_errmap.errors import UserError
@@ -53,11 +54,18 @@ def checkpoint_manager(directory: Path, keep: int, read_only: bool = False,
   A writing manager removes the temporary folders of saves that were killed
   (cleanup_tmp_directories); a read-only one changes nothing on disk.
   """
-  return ocp.CheckpointManager(
-      Path(directory).absolute(), item_names=("state", "data"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                           read_only=read_only,
-                                           cleanup_tmp_directories=not read_only))
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+      create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
+  # Orbax logs a warning whenever it opens a folder read-only: noise on a one-line error.
+  verbosity = logging.get_verbosity()
+  if read_only:
+    logging.set_verbosity(logging.ERROR)
+  try:
+    return ocp.CheckpointManager(Path(directory).absolute(), item_names=("state", "data"),
+                                 options=options)
+  finally:
+    logging.set_verbosity(verbosity)
 
 
 def _files(step_dir: Path) -> dict[str, tuple[int, int]]:
@@ -185,15 +193,19 @@ def restore_latest(directory: str | Path, state: Any, progress: Progress = conso
                  f"using the previous one")
         manager.reload()
       damaged.append(step)
+  if read_only:
+    if damaged:
+      raise UserError(f"no checkpoint of {directory} can be restored: {len(damaged)} damaged "
+                      f"one(s) ({', '.join(map(str, damaged))}), left in place; train the "
+                      f"model again")
+    return state, None, None
   lost = _unacknowledged(directory.parent / QUARANTINE)
   if lost and not allow_restart:
-    where = ("left in place" if read_only and damaged
-             else f"moved to {directory.parent / QUARANTINE}")
     raise UserError(f"no checkpoint of {directory} can be restored and {len(lost)} damaged "
-                    f"one(s) ({', '.join(lost)}) are {where}: starting from step 0 would "
-                    f"discard that training. Run with --overwrite to train this model from "
-                    f"scratch")
-  if lost and not read_only and jax.process_index() == 0:
+                    f"one(s) ({', '.join(lost)}) are in {directory.parent / QUARANTINE}: "
+                    f"starting from step 0 would discard that training. Run with "
+                    f"--overwrite to train this model from scratch")
+  if lost and jax.process_index() == 0:
     write_json(directory.parent / QUARANTINE / ACKNOWLEDGED, sorted(
         set(lost) | set(_acknowledged(directory.parent / QUARANTINE))))
   return state, None, None
