@@ -1,27 +1,81 @@
-"""Shared fixtures: tiny NIfTI cases written on the fly."""
+"""Shared fixtures: tiny NIfTI cases written on the fly; a session cache outside $HOME."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-import pytest
-from absl import flags
 
-from wh_errmap.cache import enable_compilation_cache
-from wh_errmap.data.nifti_io import MMWHS_CODES
+def _session_cache() -> Path:
+  """A temporary cache root for the whole test session, removed when it ends.
+
+  pytest imports this file as `conftest` and the tests import it again as `tests.conftest`;
+  both (and any subprocess that imports it) must get the same folder.
+  """
+  if "WH_ERRMAP_TESTS_CACHE" not in os.environ:
+    folder = tempfile.mkdtemp(prefix="wh_errmap_tests_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ["WH_ERRMAP_TESTS_CACHE"] = folder
+  return Path(os.environ["WH_ERRMAP_TESTS_CACHE"])
+
+
+# Set before anything reads it, and inherited by every subprocess (launch.py included): no
+# test writes the phantom, preprocessed cases or compiled programs into the user's real
+# cache (~/.cache/wh_errmap or a WH_ERRMAP_CACHE of their own).
+SESSION_CACHE = _session_cache()
+os.environ["WH_ERRMAP_CACHE"] = str(SESSION_CACHE)
+
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+from wh_errmap.cache import enable_compilation_cache  # noqa: E402
+from wh_errmap.data.nifti_io import MMWHS_CODES  # noqa: E402
 
 # grain reads absl flags inside its workers; tests run without absl.app.run.
 flags.FLAGS.mark_as_parsed()
 # Tests build the same tiny programs many times over (every create_state compiles the same
 # initialisers); a cache fresh for each session compiles each of them once. The environment
-# variables hand the same cache to the tests' subprocesses (jax reads JAX_* at import).
-_XLA_CACHE = enable_compilation_cache(tempfile.mkdtemp(prefix="wh_errmap_tests_"))
+# variables hand the same cache to the tests' subprocesses (jax reads JAX_* at import);
+# launch.py sets <$WH_ERRMAP_CACHE>/xla itself, which is this same folder.
+_XLA_CACHE = enable_compilation_cache()
 os.environ.update(JAX_COMPILATION_CACHE_DIR=str(_XLA_CACHE),
                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A fold of the phantom small enough for an end-to-end launch.py run in a test: 4 cases
+# (2 folds: 2 training, 2 test cases) at 6 mm, every case padded to 32^3 (one compiled
+# inference program per model), widths 4/8, 2 steps per model, NIfTI for 3d/2d-final + GT.
+TINY_FOLD = ("--num_cases=4", "--set=splits.num_folds=2", "--set=model.width1=4",
+             "--set=model.width2=8", "--set=model.num_voxres=1",
+             "--set=preprocess.spacing=(6.0,6.0,6.0)", "--set=preprocess.crop_size=(32,32,32)",
+             "--set=preprocess.margin_mm=6.0", "--set=input.crop_3d=(16,16,8)",
+             "--set=input.crop_2d=(16,16)", "--set=input.crop_predictor=(16,16,8)",
+             "--set=train.seg3d.steps=2", "--set=train.seg2d.steps=2",
+             "--set=train.predictor.steps=2", "--set=train.seg2d.batch_size=2",
+             "--set=train.log_every=1", "--set=train.checkpoint_every=2",
+             "--set=optim.warmup_steps=1", "--set=nifti='final'")
+
+
+def launch(*args: str, cache: Path | None = None,
+           timeout: float = 600) -> subprocess.CompletedProcess:
+  """`python launch.py *args` in the repository root on the CPU, output captured.
+
+  cache: its WH_ERRMAP_CACHE; by default the session's, which it inherits.
+  """
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  if cache is not None:
+    env["WH_ERRMAP_CACHE"] = str(cache)
+  return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
 
 
 def blob_label(shape=(24, 20, 16), codes=True) -> np.ndarray:

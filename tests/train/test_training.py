@@ -63,11 +63,16 @@ def test_resume_gives_the_same_parameters(tmp_path):
 
 
 def test_training_reduces_the_loss(tmp_path):
-  train_tiny(tmp_path, make_mesh(jax.devices()[:1]), num_steps=12, batch_size=2,
-             checkpoint_every=100)
-  losses = [json.loads(line)["loss"] for line in (tmp_path / "seg" / "metrics.jsonl")
-            .read_text().splitlines()]
-  assert np.mean(losses[-3:]) < losses[0]
+  """12 Adam steps (fixed seeds) take the loss of the last 4 batches to at most 3/4 of the
+  first step's. Without learning the loss stays near its start on every batch: a zeroed
+  gradient gave 15.0-16.8 on these batches against 15.65 at step 1, a sign-flipped one
+  climbed past 100, the real one reached 7.3-10.6 (mean 8.9)."""
+  train_tiny(tmp_path, make_mesh(jax.devices()[:1]), num_steps=12, batch_size=2, seed=0,
+             checkpoint_every=100, log_every=1)
+  losses = np.array([json.loads(line)["loss"] for line in (tmp_path / "seg" / "metrics.jsonl")
+                     .read_text().splitlines()])
+  assert losses.shape == (12,) and np.isfinite(losses).all(), losses
+  assert losses[-4:].mean() < 0.75 * losses[0], losses
 
 
 @pytest.mark.parametrize("spatial_dims", [3, 2])

@@ -1,0 +1,82 @@
+"""The README's first command, `python launch.py` (the quickstart experiment), end to end
+at a tiny size: phantom -> preprocessing -> both segmentors -> predictor -> evaluation
+with NIfTI outputs -> report. And the tests' own cache, which keeps them out of the
+user's."""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import nibabel as nib
+import numpy as np
+
+from tests.conftest import SESSION_CACHE, TINY_FOLD, launch
+from wh_errmap.cache import default_cache_dir
+
+# Spelled out, not imported: a wrong list in the package must not agree with itself here.
+MASK_TYPES = {"3d-final", "3d-side2", "3d-side3", "3d-side4", "3d-side5",
+              "2d-final", "2d-side2", "2d-side3", "2d-side4", "2d-side5", "gt"}
+NIFTI_MASK_TYPES = ("3d-final", "2d-final", "gt")     # cv_fold_small's nifti = "final"
+MMWHS_CODES = {205, 420, 500, 550, 600, 820, 850}     # Myo, LA, LV, RA, RV, AO, PA
+
+
+def test_the_tests_use_a_temporary_cache_not_the_users():
+  """conftest points WH_ERRMAP_CACHE (inherited by subprocesses) and XLA's cache at a
+  session folder under the temp dir, whatever the user's environment says."""
+  home = Path.home() / ".cache" / "wh_errmap"
+  assert default_cache_dir() == SESSION_CACHE
+  assert SESSION_CACHE.is_dir() and SESSION_CACHE.is_relative_to(tempfile.gettempdir())
+  assert not SESSION_CACHE.resolve().is_relative_to(home.resolve())
+  assert Path(jax.config.jax_compilation_cache_dir) == SESSION_CACHE / "xla"
+
+
+def test_quickstart_end_to_end(tmp_path):
+  """Exit status 0; 11 records per test case; NIfTI outputs on each test case's original
+  grid (shape and affine of its image file), masks in MMWHS codes, the GT mask back where
+  the original label is; report.md. The data comes from the session cache."""
+  workdir = tmp_path / "run"
+  start = time.monotonic()
+  result = launch(f"--workdir={workdir}", *TINY_FOLD)   # no --experiment: the default
+  print(f"launch.py: {time.monotonic() - start:.0f} s")
+  assert result.returncode == 0, result.stderr[-3000:]
+  fold = workdir / "fold0"
+
+  test_cases = json.loads((fold / "test_cases.json").read_text())
+  assert len(test_cases) == 2   # 4 cases in 2 folds
+  records = json.loads((fold / "records.json").read_text())
+  mask_types = {case_id: sorted(r["mask_type"] for r in records if r["case_id"] == case_id)
+           for case_id in test_cases}
+  assert len(records) == 11 * len(test_cases)
+  assert all(t == sorted(MASK_TYPES) for t in mask_types.values()), mask_types
+
+  for case_id, paths in test_cases.items():
+    # launch.py generated the phantom in the tests' cache, which it inherited.
+    assert Path(paths["image_path"]).is_relative_to(SESSION_CACHE), paths
+    image = nib.load(paths["image_path"])
+    label = np.asarray(nib.load(paths["label_path"]).dataobj)
+    for mask_type in NIFTI_MASK_TYPES:
+      outputs = {kind: nib.load(fold / "predictions" / case_id / f"{mask_type}_{kind}.nii.gz")
+                 for kind in ("mask", "error_prob", "error")}
+      for kind, output in outputs.items():
+        assert output.shape == image.shape, (case_id, mask_type, kind)
+        np.testing.assert_allclose(output.affine, image.affine, atol=1e-4,
+                                   err_msg=f"{case_id} {mask_type}_{kind}")
+      mask = np.asarray(outputs["mask"].dataobj)
+      assert set(np.unique(mask).tolist()) <= {0} | MMWHS_CODES, (case_id, mask_type)
+      prob = np.asarray(outputs["error_prob"].dataobj)
+      assert prob.min() >= 0 and prob.max() <= 1
+      # The error map is the probability thresholded at predictor.threshold (0.5).
+      np.testing.assert_array_equal(np.asarray(outputs["error"].dataobj), prob > 0.5)
+    # The GT mask went to 6 mm and back: it must still cover the original label (a flipped
+    # or shifted axis would not; measured: 91% of the foreground, 99.8% of the background).
+    gt = np.asarray(nib.load(fold / "predictions" / case_id / "gt_mask.nii.gz").dataobj)
+    assert set(np.unique(gt).tolist()) == {0} | MMWHS_CODES, case_id
+    foreground = label > 0
+    assert (gt[foreground] == label[foreground]).mean() > 0.8, case_id
+    assert (gt[~foreground] == 0).mean() > 0.98, case_id
+
+  report = (workdir / "report" / "report.md").read_text()
+  assert "22 masks" in report
