@@ -20,7 +20,7 @@ def names() -> list[str]:
 def load(name: str) -> ModuleType:
   if name not in names():
     raise UserError(f"unknown experiment {name!r}; choose one of: {', '.join(names())}")
-  return importlib.import_module(f"experiments.{name}")
+  return importlib.import_module(f"{__name__}.{name}")
 
 
 def override(config: ml_collections.ConfigDict, assignments: Iterable[str]) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import ml_collections
 
-from experiments import base
+from . import base
 from wh_errmap import atomic
 from wh_errmap.benchmark import STEPS, Result, StepBench, reference, table
 from wh_errmap.errors import UserError

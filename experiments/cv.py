@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from experiments import base, cv_fold
+from . import base, cv_fold
 from wh_errmap import folds
 from wh_errmap.data.dataset import dataset_from_config
 from wh_errmap.errors import UserError
@@ -28,7 +28,9 @@ from wh_errmap.train.sharding import model_layout
 from wh_errmap.train.stages import SEGMENTORS
 from wh_errmap.workdir import check_config, check_writable, record_config, run_lock
 
-LAUNCHER = (sys.executable, str(Path(__file__).resolve().parents[1] / "launch.py"))
+# Each fold runs as its own process: launch.py beside a checkout, the installed module else.
+LAUNCHER = ((sys.executable, str(Path(__file__).resolve().parents[1] / "launch.py"))
+            if __package__ == "experiments" else (sys.executable, "-m", "wh_errmap.cli"))
 
 
 def add_cv_block(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments import base, cv_fold
+from . import base, cv_fold
 
 run = cv_fold.run
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import ml_collections
 
-from experiments import base
+from . import base
 from wh_errmap.progress import console
 from wh_errmap.report import build_report
 

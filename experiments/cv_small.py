@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments import cv, cv_fold_small
+from . import cv, cv_fold_small
 
 
 def get_config() -> ml_collections.ConfigDict:

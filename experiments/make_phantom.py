@@ -9,7 +9,7 @@ import time
 
 import ml_collections
 
-from experiments import base
+from . import base
 from wh_errmap.data.phantom import write_phantom
 from wh_errmap.errors import UserError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from experiments import base
+from . import base
 from wh_errmap.data import STRUCTURES
 from wh_errmap.data.dataset import Dataset, dataset_from_config
 

@@ -10,7 +10,7 @@ import time
 
 import ml_collections
 
-from experiments import cv_fold, cv_fold_small
+from . import cv_fold, cv_fold_small
 from wh_errmap.progress import console
 from wh_errmap.report import build_report
 
