@@ -72,7 +72,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.predictor.threshold = 0.5        # error probability above which a voxel counts as wrong
 
   c.report = ml_collections.ConfigDict()
-  c.report.failure_dice = 0.75     # a mask with true Dice below this is a failure (AUROC)
+  c.report.failure_dice = 0.75     # a mask with true Dice below this is a failure (AUROC);
+                                   # predict: verdict "fail" below it (predicted Dice)
+  c.report.review_band = 0.10      # predict: verdict "review" below failure_dice + this
 
   c.train = ml_collections.ConfigDict()
   # Per model: steps; batch_size = the global batch (all devices); per_device_batch_size > 0

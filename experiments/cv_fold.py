@@ -19,12 +19,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from experiments import base
+from . import base
 from wh_errmap.data.dataset import dataset_from_config
 from wh_errmap.errors import UserError
 from wh_errmap.evaluation import evaluate_fold, read_records, score_segmentors
 from wh_errmap.metrics import correlation_stats
 from wh_errmap.workdir import check_config, check_writable, record_config, run_lock
+from wh_errmap.predictor import REFERENCE_FILE, write_reference
 from wh_errmap.progress import console
 from wh_errmap.inference import inference_mesh
 from wh_errmap.train.sharding import model_layout
@@ -96,6 +97,8 @@ def _run_fold(config: ml_collections.ConfigDict, workdir: str, dataset: Any,
   if "predictor" not in stages and "evaluate" not in stages:
     return
   predictor = train_predictor(config, segmentors, train_cases, fold_dir)
+  if scorer and not (fold_dir / "predictor" / REFERENCE_FILE).exists():
+    write_reference(fold_dir / "predictor", train_cases)   # for predict's checks
   if "evaluate" in stages and scorer:
     if (fold_dir / "records.json").exists() and config.stage == "all":
       console(f"[evaluate] records exist in {fold_dir}: not redone")

@@ -1,13 +1,21 @@
-"""Quality control of new cases with a trained run's predictor.
+"""Quality control of new masks with a trained predictor (a run, or an exported model file).
 
-  python launch.py --experiment=predict --image=X.nii.gz --mask=Y.nii.gz --workdir=RUN
-  python launch.py --experiment=predict --image=IMAGES/ --mask=MASKS/ --workdir=RUN
+  python launch.py --experiment=predict --image=X.nii.gz --mask=Y.nii.gz --model=heart.whqc
+  python launch.py --experiment=predict --image=IMAGES/ --mask=MASKS/ --workdir=RUN \\
+      --labels=MASKS/dataset.json
 
-Writes <pair>_error_prob.nii.gz, <pair>_error.nii.gz (on the image's own grid) and
-<pair>_qc.json (QI, counts, inputs, predictor), pair = <image case>__<mask name>, to
---set=output_dir=... (default RUN/predict), plus a new summary-<time>.json for a folder.
-The run itself is only read. An existing result is replaced only with --overwrite; the
-same assessment again is reused. In a folder, a failing pair is reported and skipped.
+--labels: the masks' label convention: mmwhs (the default: MMWHS codes only),
+totalsegmentator, an nnU-Net dataset.json, or an inline map such as 1:RV,2:Myo,3:LV.
+Folders pair `X_image`/`X_0000`/`X` images with `X_label`/`X_mask`/`X` masks, or with
+TotalSegmentator's per-structure folders `X/heart_*.nii.gz`.
+
+Writes, per pair (= <image case>__<mask name>), NIfTI error maps on the image's own grid,
+a PNG and `_qc.json` (scores, per-structure predicted Dice and error volume, verdict); and
+for the whole output folder `qc.tsv`, `index.html` and ITK-SNAP / Slicer label files;
+plus a new summary-<time>.json for a folder run. Output folder: --set=output_dir=...
+(default: MODEL_FILE's folder/predict or RUN/predict). An existing result is replaced
+only with --overwrite; the same assessment again is reused. In a folder, a failing pair
+is reported and skipped.
 """
 from __future__ import annotations
 
@@ -15,9 +23,11 @@ from pathlib import Path
 
 import ml_collections
 
-from experiments import base
+from . import base
+from wh_errmap import qc
 from wh_errmap.errors import UserError
-from wh_errmap.predict import assess, assess_many, load_predictor, pair_folder, write_summary
+from wh_errmap.predict import (assess, assess_many, load_predictor, load_predictor_file,
+                               pair_folder, write_folder_report, write_summary)
 from wh_errmap.progress import console
 from wh_errmap.workdir import check_writable
 
@@ -25,11 +35,19 @@ from wh_errmap.workdir import check_writable
 def get_config() -> ml_collections.ConfigDict:
   c = base.get_config()
   c.image = ""        # a NIfTI image, or a folder of them
-  c.mask = ""         # its mask (MMWHS codes or classes 0..7), or a folder of masks
-  c.output_dir = ""   # "" = <workdir>/predict
+  c.mask = ""         # its mask, a TotalSegmentator per-structure folder, or a folder of masks
+  c.labels = ""       # label convention of the masks ("" = MMWHS codes only)
+  c.model_file = ""   # --model: a model file (export_model); "" = the run in --workdir
+  c.output_dir = ""   # "" = <workdir>/predict, or predict/ beside the model file
   c.fold = 0          # whose predictor to use (any trained fold of the run)
   c.threshold = 0.5   # error probability above which a voxel counts as wrong
+  c.figures = True    # a PNG per case, index.html and the label files
   c.allow_partial = False  # use a predictor whose training has not finished (announced)
+  c.qc = ml_collections.ConfigDict()
+  c.qc.min_real_fraction = 0.5   # out_of_distribution when the scan covers less of the box
+  c.qc.volume_factor = 2.0       # ... a structure volume outside training's [min/f, max*f]
+  c.qc.intensity_margin = 0.25   # ... intensities farther from training than any of its cases
+  c.qc.shape_bucket = 16         # pad crops to a multiple of this: fewer compilations
   return c
 
 
@@ -37,27 +55,59 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if not config.image or not config.mask:
     raise UserError("predict needs --image and --mask (two files, or two folders)")
   image, mask = Path(config.image), Path(config.mask)
-  if image.is_dir() != mask.is_dir():
-    raise UserError(f"--image={image} and --mask={mask}: give two files or two folders")
-  output_dir = check_writable(config.output_dir or Path(workdir) / "predict")
-  predictor = load_predictor(workdir, config.fold, config.allow_partial)
+  for what, path in (("--image", image), ("--mask", mask)):
+    if not path.exists():
+      raise UserError(f"{what}={path}: not found")
+  folders = image.is_dir()
+  if folders and not mask.is_dir():
+    raise UserError(f"--image={image} is a folder and --mask={mask} a file: give two files "
+                    f"or two folders")
+  settings = qc.Settings.from_config(config)
+  labels = qc.convention_from(config.labels)   # a bad --labels fails before any model work
+  if config.model_file:
+    predictor = load_predictor_file(config.model_file)
+    default_out = Path(config.model_file).absolute().parent / "predict"
+  else:
+    predictor = load_predictor(workdir, config.fold, config.allow_partial)
+    default_out = Path(workdir) / "predict"
+  predictor = _bucketed(predictor, config.qc.shape_bucket)
+  output_dir = check_writable(config.output_dir or default_out)
   partial = ("" if predictor.finished else
              f" (PARTLY TRAINED predictor: step {predictor.step} of {predictor.total_steps})")
-  if not image.is_dir():
-    result, reused = assess(image, mask, predictor, output_dir, config.threshold,
-                            config.overwrite)
+  if predictor.reference is None:
+    console("warning: the predictor has no training reference (a run from before it was "
+            "recorded): structure volume and intensity checks are skipped")
+  if not folders:
+    result, reused = assess(image, mask, predictor, output_dir, settings, labels,
+                            config.overwrite, config.figures)
+    write_folder_report(output_dir, config.figures)
     kept = "already assessed, kept: use --overwrite to redo; " if reused else ""
-    console(f"{result['pair']}: QI {result['qi']:.4f} (soft {result['soft_qi']:.4f}); "
+    dice = result["mean_predicted_dice"]
+    console(f"{result['pair']}: {result['verdict']}"
+            f"{' (' + '; '.join(result['reasons']) + ')' if result['reasons'] else ''}; "
+            f"mean predicted Dice {'-' if dice is None else f'{dice:.3f}'}, "
+            f"QI {result['qi']:.4f} (soft {result['soft_qi']:.4f}); "
             f"{kept}outputs in {output_dir}{partial}")
     return
   pairs, problems = pair_folder(image, mask)
-  results, reused, failed = assess_many(pairs, predictor, output_dir, config.threshold,
-                                        config.overwrite, console)
+  console(f"[predict] {len(pairs)} pairs in {image}" + (f", {len(problems)} input(s) without "
+                                                         f"a pair" if problems else ""))
+  results, reused, failed = assess_many(pairs, predictor, output_dir, settings, labels,
+                                        config.overwrite, config.figures, console)
   problems += failed
+  report = write_folder_report(output_dir, config.figures)
   summary = write_summary(output_dir, {
       "predictor": predictor.provenance, "threshold": config.threshold, "cases": results,
       "already_assessed": reused, "problems": problems})
-  console(f"{len(results)} pairs assessed ({len(reused)} of them kept from before); "
-          f"summary in {summary}{partial}")
+  counts = {v: sum(r["verdict"] == v for r in results) for v in qc.VERDICTS}
+  console(f"{len(results)} pairs assessed ({len(reused)} of them kept from before): "
+          + ", ".join(f"{n} {v}" for v, n in counts.items() if n)
+          + f"; table {report['tsv']}" + (f", gallery {report['html']}" if "html" in report
+                                            else "") + f"; summary {summary}{partial}")
   if problems:
     raise UserError(f"{len(problems)} input(s) skipped: " + "; ".join(problems))
+
+
+def _bucketed(predictor, bucket: int):
+  import dataclasses
+  return dataclasses.replace(predictor, shape_bucket=int(bucket))

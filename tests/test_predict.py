@@ -113,7 +113,8 @@ def test_error_map_is_on_the_input_grid_in_any_orientation(run_dir, ramp_pair, t
   outputs = {}
   for name in ("as_generated", "reoriented"):
     image = ramp_pair[name, "image"]
-    result, reused = assess(image, ramp_pair[name, "label"], known, tmp_path, threshold=0.5)
+    result, reused = assess(image, ramp_pair[name, "label"], known, tmp_path,
+                           figures=False)
     assert not reused
     out = nib.load(str(tmp_path / f"{result['pair']}_error_prob.nii.gz"))
     source = nib.load(str(image))
@@ -168,7 +169,8 @@ def test_an_existing_result_is_kept_unless_overwrite(run_dir, phantom_pair, tmp_
   run_predict(run_dir, out, image, label)
   before = snapshot(out)
   report = out / "as_generated__as_generated_label_qc.json"
-  assert report.name in before and len(before) == 3
+  pair_files = {name for name in before if name.startswith("as_generated__")}
+  assert report.name in before and len(pair_files) == 6, pair_files
   capsys.readouterr()
   run_predict(run_dir, out, image, label)   # the same assessment: kept, not redone
   assert "already assessed, kept" in capsys.readouterr().out
@@ -206,9 +208,12 @@ def test_folder_run_skips_bad_pairs_and_a_second_run_resumes(run_dir, phantom_pa
   # first run's summary is still there beside the second's.
   shutil.copy(source, images / "broken_image.nii.gz")
   (images / "lonely_image.nii.gz").unlink()
-  kept = snapshot(out)
+  kept = {name: h for name, h in snapshot(out).items() if name.startswith("good__")}
   run_predict(run_dir, out, images, masks)
   assert {name: h for name, h in snapshot(out).items() if name in kept} == kept
+  # The folder's table describes every result in it, the kept one included.
+  assert [line.split("\t")[0] for line in (out / "qc.tsv").read_text().splitlines()] == [
+      "pair", "broken__broken_label", "good__good_label"]
   summaries = sorted(out.glob("summary-*.json"), key=lambda p: p.stat().st_mtime_ns)
   assert len(summaries) == 2
   first, second = (json.loads(p.read_text()) for p in summaries)
@@ -224,14 +229,14 @@ def test_folder_run_skips_bad_pairs_and_a_second_run_resumes(run_dir, phantom_pa
 def test_any_failure_of_a_pair_is_reported_and_the_others_complete(run_dir, phantom_pair,
                                                                    tmp_path, monkeypatch, error):
   images, masks = make_folders(tmp_path, phantom_pair, ["bad", "good"])
-  real_load_case = predict_lib.load_case
+  real_assess = predict_lib.qc.assess
 
-  def load_case(image, mask, **kwargs):
+  def assess_pair(image, mask, *args, **kwargs):
     if Path(image).name.startswith("bad"):
       raise error
-    return real_load_case(image, mask, **kwargs)
+    return real_assess(image, mask, *args, **kwargs)
 
-  monkeypatch.setattr(predict_lib, "load_case", load_case)
+  monkeypatch.setattr(predict_lib.qc, "assess", assess_pair)
   with pytest.raises(UserError, match="^1 input") as info:
     run_predict(run_dir, tmp_path / "out", images, masks)
   message = str(info.value)
@@ -246,14 +251,14 @@ def test_any_failure_of_a_pair_is_reported_and_the_others_complete(run_dir, phan
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
 def test_interrupting_a_folder_run_is_not_swallowed(run_dir, phantom_pair, tmp_path,
                                                      monkeypatch, stop):
-  def load_case(*args, **kwargs):
+  def assess_pair(*args, **kwargs):
     raise stop()
 
-  monkeypatch.setattr(predict_lib, "load_case", load_case)
+  monkeypatch.setattr(predict_lib.qc, "assess", assess_pair)
   known = KnownPredictor(None, None, load_run_config(run_dir), str(run_dir), 0, 1, 1)
   pair = (phantom_pair["as_generated", "image"], phantom_pair["as_generated", "label"])
   with pytest.raises(stop):
-    assess_many([pair, pair], known, tmp_path, threshold=0.5, progress=lambda _: None)
+    assess_many([pair, pair], known, tmp_path, progress=lambda _: None)
 
 
 def test_ambiguous_pairing_is_an_error_naming_both_files(tmp_path):

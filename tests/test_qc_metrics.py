@@ -31,7 +31,7 @@ def test_predicted_dice_hand_computed_fractional():
   # excluded: v0 {1}, v3 {1, 2} (half each), v5 {1}, v6 {2}, v7 {1}; v1, v2, v4 none.
   # Class 1: TP .9 + .8 + .2 = 1.9, FP .1 + .2 + .8 = 1.1, FN .5 + .3 + 0 + .3 = 1.1.
   # Class 2: TP .6 + 1 = 1.6, FP .4, FN .3 + .8 = 1.1.
-  tp, fp, fn = qc._predicted_dice_terms(mask, p, 4, 1)
+  tp, fp, fn = qc.predicted_dice_terms(mask, p, 4, 1)
   np.testing.assert_allclose(tp, [1.9, 1.6, 0], atol=1e-12)
   np.testing.assert_allclose(fp, [1.1, 0.4, 0], atol=1e-12)
   np.testing.assert_allclose(fn, [1.1, 1.1, 0], atol=1e-12)
@@ -105,7 +105,7 @@ def test_predicted_dice_counts_each_error_at_most_once():
   rng = np.random.default_rng(0)
   mask = rng.integers(0, 5, size=(9, 8, 7))
   p = rng.random(mask.shape)
-  _, fp, fn = qc._predicted_dice_terms(mask, p, 5, 1)
+  _, fp, fn = qc.predicted_dice_terms(mask, p, 5, 1)
   # Reference candidates with scipy's iterated binary dilation.
   near = np.stack([ndimage.binary_dilation(mask == c, np.ones((3, 3, 3)), iterations=1)
                    & (mask != c) for c in range(1, 5)])
@@ -123,7 +123,7 @@ def test_neighbourhood_matches_iterated_dilation(radius):
   rng = np.random.default_rng(radius)
   mask = (rng.random((11, 10, 9)) < 0.03).astype(np.int8)
   p = np.ones(mask.shape)
-  _, _, fn = qc._predicted_dice_terms(mask, p, 2, radius)
+  _, _, fn = qc.predicted_dice_terms(mask, p, 2, radius)
   region = ndimage.binary_dilation(mask == 1, np.ones((3, 3, 3)), iterations=radius)
   assert fn[0] == np.count_nonzero(region & (mask != 1))
 

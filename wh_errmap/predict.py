@@ -1,187 +1,146 @@
-"""Quality control of new (image, mask) pairs with the predictor of a trained run.
+"""Quality control of (image, mask) pairs and folders, written to an output folder.
 
-The run's `config.json` says how its cases were preprocessed and how its models are built,
-so a new pair is preprocessed exactly as in training: reoriented, resampled, and cropped
-around the mask being assessed.
+A pair's outputs are named after the image and the mask, `<image case>__<mask name>_...`,
+so two masks of one scan never share a file:
+  _error_prob.nii.gz           probability that each voxel of the mask is wrong
+  _error.nii.gz                1 where it is predicted wrong (probability > threshold)
+  _errors_by_structure.nii.gz  the wrong voxels, in the mask's own label values
+  _qc.png                      three slices through the worst region (with --figures)
+  _qc.json                     scores, verdict, inputs and predictor: the pair's result
+The `_qc.json`, written last, is the result; maps without it are leftovers of an
+interrupted assessment. An existing result is only replaced with `overwrite`; without it
+the same assessment (same files, predictor and settings) is reused, and any other is an
+error for that pair. After every run the folder's `qc.tsv` (one row per result in it),
+`index.html` (a gallery) and the ITK-SNAP / 3D Slicer label files are rewritten.
 
-Predict only reads the run: its checkpoints are restored read-only (a damaged one is
-reported, left where it is, and the previous one is used). A pair's outputs are named
-after the image and the mask, `<image case>__<mask name>_...`, so two masks of one scan
-never share a file. The pair's `_qc.json`, written after its maps, is its result; maps
-without it are leftovers of an interrupted assessment. An existing result is only
-replaced with `overwrite`; without it the same assessment (same file contents, run, fold,
-checkpoint and threshold) is reused, and any other is an error for that pair.
+The predictor only reads its run (checkpoints restored read-only) or its model file.
 """
 from __future__ import annotations
 
 import collections
-import dataclasses
+import csv
 import datetime
 import hashlib
+import io
 import json
+import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax
-import ml_collections
-import numpy as np
-
-from wh_errmap.atomic import write_json
-from wh_errmap.data import NUM_CLASSES, InvalidCaseError, load_case, save_nifti
-from wh_errmap.data.dataset import preprocess_config
+from wh_errmap import qc
+from wh_errmap.atomic import atomic_path, write_json
+from wh_errmap.data import STRUCTURES, InvalidCaseError
 from wh_errmap.data.nifti_io import case_id_from_path
-from wh_errmap.data.preprocess import preprocess_case, restore_to_original
 from wh_errmap.errors import UserError
-from wh_errmap.inference import error_probability
-from wh_errmap.metrics import quality_indicator, soft_quality_indicator
-from wh_errmap.models.voxresnet import VoxResNet
+from wh_errmap.labels import LabelConvention, is_structure_folder
+from wh_errmap.predictor import Predictor, load_predictor, load_predictor_file  # noqa: F401
 from wh_errmap.progress import console
-from wh_errmap.train.checkpoints import restore_latest
-from wh_errmap.train.sharding import make_mesh
-from wh_errmap.train.stages import predictor_model
-from wh_errmap.train.state import create_state, make_optimizer
-from wh_errmap.workdir import load_run_config
 
 Progress = Callable[[str], None]
 # What makes two assessments of a pair the same, with the words that name a difference.
 _IDENTITY = {"image_sha256": "image file contents", "mask_sha256": "mask file contents",
-             "threshold": "threshold", "predictor": "predictor (run, fold or checkpoint)"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Predictor:
-  """A run's trained error-map predictor and where it came from."""
-  model: VoxResNet
-  variables: Any                       # {"params": ..., "batch_stats": ...}
-  config: ml_collections.ConfigDict    # the run's config: preprocessing and model
-  workdir: str                         # the run, as an absolute path
-  fold: int
-  step: int                            # training step of the restored checkpoint
-  total_steps: int                     # the run's config.train.predictor.steps
-
-  def error_map(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """(X, Y, Z) float32 error probability of a preprocessed (X, Y, Z) float32 image and
-    its (X, Y, Z) integer mask (classes 0..7)."""
-    return np.asarray(error_probability(self.model, self.variables, image[..., None],
-                                        mask.astype(np.int32), NUM_CLASSES))
-
-  @property
-  def finished(self) -> bool:
-    """Whether the checkpoint is the end of the training schedule."""
-    return self.step >= self.total_steps
-
-  @property
-  def provenance(self) -> dict[str, Any]:
-    """What every result records about the predictor that made it."""
-    return {"workdir": self.workdir, "fold": self.fold, "checkpoint_step": self.step,
-            "total_steps": self.total_steps}
-
-
-def load_predictor(workdir: str | Path, fold: int, allow_partial: bool = False,
-                   progress: Progress = console) -> Predictor:
-  """The trained predictor of `fold` in a run, restored without changing the run's files.
-
-  A predictor whose newest readable checkpoint is before the end of its training schedule
-  is refused (UserError) unless allow_partial, and then announced through `progress`.
-  """
-  config = load_run_config(workdir)
-  checkpoints = Path(workdir) / f"fold{fold}" / "predictor" / "checkpoints"
-  model = predictor_model(config)
-  crop = tuple(config.input.crop_predictor)
-  total = int(config.train.predictor.steps)
-  template = create_state(model, make_optimizer(config.optim, total),
-                          (1, *crop, 1 + NUM_CLASSES), jax.random.key(0),
-                          make_mesh(jax.devices()[:1]))
-  state, _, step = restore_latest(checkpoints, template, progress, read_only=True)
-  if step is None:
-    raise UserError(f"{checkpoints}: no trained predictor; train it with "
-                    f"`launch.py --experiment=cv_fold --fold={fold} --workdir={workdir}`")
-  predictor = Predictor(model, {"params": state.params, "batch_stats": state.batch_stats},
-                        config, str(Path(workdir).absolute()), fold, step, total)
-  if not predictor.finished:
-    if not allow_partial:
-      raise UserError(f"{checkpoints}: the predictor of fold {fold} is trained for {step} of "
-                      f"{total} steps (training not finished). Finish it with `launch.py "
-                      f"--experiment=cv_fold --fold={fold} --workdir={workdir}`, or use it as "
-                      f"it is with --set=allow_partial=True")
-    progress(f"warning: PARTLY TRAINED predictor: fold {fold} at step {step} of {total} "
-             f"(allow_partial); its error maps and QIs are not those of the finished run")
-  return predictor
+             "threshold": "threshold", "settings": "verdict settings",
+             "labels": "label convention",
+             "predictor": "predictor (run, model file, fold or checkpoint)"}
+_NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+TSV_FILE = "qc.tsv"
 
 
 def pair_name(image_path: str | Path, mask_path: str | Path) -> str:
-  """`<image case>__<mask file name without .nii/.nii.gz>`: how a pair's outputs begin."""
-  return f"{case_id_from_path(image_path)}__{_stem(Path(mask_path))}"
+  """`<image case>__<mask file name without .nii/.nii.gz>`: how a pair's outputs begin. The
+  image case drops `_image` and nnU-Net's channel suffix `_0000`."""
+  return f"{image_case(Path(image_path))}__{_stem(Path(mask_path))}"
+
+
+def image_case(path: Path) -> str:
+  """The case an image belongs to: `X_image` -> X, nnU-Net's `X_0000` -> X."""
+  case = case_id_from_path(path)
+  match = _NNUNET_CHANNEL.match(case)
+  return match["case"] if match and match["channel"] == "0000" else case
 
 
 def assess(image_path: str | Path, mask_path: str | Path, predictor: Predictor,
-           output_dir: str | Path, threshold: float = 0.5,
-           overwrite: bool = False) -> tuple[dict[str, Any], bool]:
-  """Predicts the error map of one mask; writes NIfTI maps on the image's grid and a JSON.
-
-  Writes `<pair>_error_prob.nii.gz` (float32), `<pair>_error.nii.gz` (uint8, probability
-  above `threshold`) and then `<pair>_qc.json` (scores, inputs, predictor), with
-  pair = pair_name(image_path, mask_path). On a failure the maps written are removed.
+           output_dir: str | Path, settings: qc.Settings = qc.Settings(),
+           labels: str | LabelConvention | None = None, overwrite: bool = False,
+           figures: bool = True, progress: Progress = console,
+           ) -> tuple[dict[str, Any], bool]:
+  """Assesses one mask (a file, or a TotalSegmentator per-structure folder) of an image and
+  writes the pair's outputs (see the module docstring). On a failure the files written are
+  removed.
 
   Returns (result, reused): reused when `<pair>_qc.json` already held this very assessment
   (nothing is recomputed). Raises UserError when it holds another one and not overwrite.
   """
   image_path, mask_path, output_dir = Path(image_path), Path(mask_path), Path(output_dir)
   name = pair_name(image_path, mask_path)
-  maps = [output_dir / f"{name}_error_prob.nii.gz", output_dir / f"{name}_error.nii.gz"]
   report = output_dir / f"{name}_qc.json"
+  convention = qc.convention_from(labels)
   identity = {"image_sha256": _sha256(image_path), "mask_sha256": _sha256(mask_path),
-              "threshold": threshold, "predictor": predictor.provenance}
+              "threshold": settings.threshold,
+              "settings": {k: v for k, v in vars(settings).items() if k != "threshold"},
+              "labels": None if convention is None else convention.to_json(),
+              "predictor": predictor.provenance}
   if report.exists() and not overwrite:
     previous = _same_assessment(report, identity, name)
-    if all(path.exists() for path in maps):
+    if all((output_dir / f).exists() for f in previous.get("files", [])):
       return previous, True
-  case = load_case(image_path, mask_path, case_id=case_id_from_path(image_path))
-  pre = preprocess_case(case, preprocess_config(predictor.config))
-  prob = predictor.error_map(pre.image, pre.label)
-  original = restore_to_original(prob, pre.properties, order=1).astype(np.float32)
-  affine = np.asarray(pre.properties["original_affine"])
-  result = {
-      "pair": name, "case_id": case.case_id,
-      "image": str(image_path.absolute()), "mask": str(mask_path.absolute()), **identity,
-      "qi": float(quality_indicator(prob[None], threshold)[0]),
-      "soft_qi": float(soft_quality_indicator(prob[None])[0]),
-      "predicted_error_voxels": int((prob > threshold).sum()),
-      "assessed_voxels": int(prob.size),
-  }
+  assessment = qc.assess(image_path, mask_path, predictor, convention, settings, progress)
+  report.unlink(missing_ok=True)   # an old result must not describe the new maps
+  paths = assessment.write(output_dir, name)
   try:
-    report.unlink(missing_ok=True)   # an old result must not describe the new maps
-    save_nifti(maps[0], original, affine)
-    save_nifti(maps[1], (original > threshold).astype(np.uint8), affine)
+    if figures:
+      from wh_errmap.report.gallery import case_figure
+      paths["png"] = output_dir / f"{name}_qc.png"
+      paths["thumbnail"] = output_dir / f"{name}_qc_thumb.png"
+      crop = assessment.crop
+      case_figure(paths["png"], crop["image"], crop["mask"], crop["error_prob"],
+                  crop["spacing"], f"{name}: {assessment.scores['verdict']}",
+                  settings.threshold, crop["valid"], thumbnail_path=paths["thumbnail"])
+    result = {"pair": name, "case_id": image_case(image_path),
+              "image": str(image_path.absolute()), "mask": str(mask_path.absolute()),
+              **identity, **assessment.scores,
+              "convention": assessment.convention.to_json(),
+              "files": sorted(p.name for p in paths.values())}
     write_json(report, result)
   except BaseException:
-    for path in maps:
+    for path in paths.values():
       path.unlink(missing_ok=True)
     raise
   return result, False
 
 
 def pair_folder(image_dir: Path, mask_dir: Path) -> tuple[list[tuple[Path, Path]], list[str]]:
-  """Pairs each image of `image_dir` (`X_image` or `X`, .nii or .nii.gz) with its mask in
-  `mask_dir` (`X_label`, `X_mask` or `X`). Returns (pairs, problems).
+  """Pairs each image of `image_dir` with its mask in `mask_dir`. Returns (pairs, problems).
+
+  Images: `X_image`, nnU-Net's `X_0000` or `X` (.nii or .nii.gz). Masks: `X_label`,
+  `X_mask` or `X` files, or a folder `X/` of TotalSegmentator's per-structure files. A
+  multi-channel nnU-Net case (`X_0001`, ... beside `X_0000`) is assessed on `X_0000`.
 
   Nothing is guessed: an image without a mask, an image with several (`X_label` and
   `X_mask`, or `X.nii` and `X.nii.gz`), and two images of one case are problems naming the
-  files. When both folders are one, `X_label` / `X_mask` files, and `X` beside `X_image`,
-  are masks, not images.
+  files. When both folders are one, `X_label` / `X_mask` files, and `X` beside `X_image` or
+  `X_0000`, are masks, not images.
   """
   masks = collections.defaultdict(list)
   for path in _niftis(mask_dir):
     masks[_stem(path)].append(path)
+  for path in sorted(p for p in mask_dir.iterdir() if p.is_dir() and is_structure_folder(p)):
+    masks[path.name].append(path)
   images = _niftis(image_dir)
   if image_dir.resolve() == mask_dir.resolve():
     images = [p for p in images if not _stem(p).endswith(("_label", "_mask"))]
-    tagged = {_stem(p).removesuffix("_image") for p in images if _stem(p).endswith("_image")}
-    images = [p for p in images if _stem(p).endswith("_image") or _stem(p) not in tagged]
+    tagged = {image_case(p) for p in images if image_case(p) != case_id_from_path(p)
+              or _stem(p).endswith("_image")}
+    images = [p for p in images if image_case(p) != _stem(p) or _stem(p) not in tagged]
   by_case = collections.defaultdict(list)
   for image in images:
-    by_case[case_id_from_path(image)].append(image)
+    match = _NNUNET_CHANNEL.match(case_id_from_path(image))
+    if match and match["channel"] != "0000" and any(
+        image_case(p) == match["case"] and p != image for p in images):
+      continue   # another channel of a case assessed on its _0000 image
+    by_case[image_case(image)].append(image)
   pairs, problems = [], []
   for case, found in sorted(by_case.items()):
     if len(found) > 1:
@@ -192,7 +151,7 @@ def pair_folder(image_dir: Path, mask_dir: Path) -> tuple[list[tuple[Path, Path]
     candidates = [m for tag in ("_label", "_mask", "") for m in masks[case + tag] if m != image]
     if not candidates:
       problems.append(f"{image}: no mask for it in {mask_dir} (looked for {case}_label, "
-                      f"{case}_mask and {case})")
+                      f"{case}_mask and {case}, as files or a per-structure folder)")
     elif len(candidates) > 1:
       problems.append(f"{image}: ambiguous mask, {' and '.join(map(str, candidates))} both "
                       f"match; keep one of them in {mask_dir}")
@@ -202,29 +161,46 @@ def pair_folder(image_dir: Path, mask_dir: Path) -> tuple[list[tuple[Path, Path]
 
 
 def assess_many(pairs: list[tuple[Path, Path]], predictor: Predictor, output_dir: Path,
-                threshold: float, overwrite: bool = False, progress: Progress = console,
+                settings: qc.Settings = qc.Settings(),
+                labels: str | LabelConvention | None = None, overwrite: bool = False,
+                figures: bool = True, progress: Progress = console,
                 ) -> tuple[list[dict], list[str], list[str]]:
-  """Assesses every pair. Any failure of a pair (a bad file, an existing other result, out
-  of memory, ...) is reported and the pair skipped; the others complete. KeyboardInterrupt
-  and SystemExit stop the batch.
+  """Assesses every pair, with a progress bar and ETA. Any failure of a pair (a bad file,
+  an existing other result, out of memory, ...) is reported and the pair skipped; the
+  others complete. KeyboardInterrupt and SystemExit stop the batch.
 
   Returns (results, names of the pairs whose result was reused, problems).
   """
   results, reused, problems = [], [], []
+  start, computed = time.monotonic(), 0
   for i, (image, mask) in enumerate(pairs):
-    where = f"({i + 1}/{len(pairs)})"
     try:
-      result, was_done = assess(image, mask, predictor, output_dir, threshold, overwrite)
+      result, was_done = assess(image, mask, predictor, output_dir, settings, labels,
+                                overwrite, figures, progress)
     except Exception as e:  # noqa: BLE001  (one bad pair must not stop the batch)
       problems.append(_describe(e, image, mask))
-      progress(f"[predict] skipped {where}: {problems[-1]}")
+      progress(f"{_bar(i + 1, len(pairs), start, computed)} skipped: {problems[-1]}")
       continue
+    computed += 0 if was_done else 1
     results.append(result)
     if was_done:
       reused.append(result["pair"])
+    dice = result.get("mean_predicted_dice")
     state = "already assessed, kept" if was_done else "assessed"
-    progress(f"[predict] {result['pair']} {where}: QI {result['qi']:.4f} ({state})")
+    progress(f"{_bar(i + 1, len(pairs), start, computed)} {result['pair']}: "
+             f"{result['verdict']}, predicted Dice "
+             f"{'-' if dice is None else f'{dice:.3f}'}, QI {result['qi']:.4f} ({state})")
   return results, reused, problems
+
+
+def _bar(done: int, total: int, start: float, computed: int) -> str:
+  """`[#####.....] 5/10 ETA 0:01:10`: the time left from the pace so far."""
+  width = 20
+  filled = round(width * done / max(1, total))
+  elapsed = time.monotonic() - start
+  left = elapsed / done * (total - done) if done else 0.0
+  return (f"[predict] [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
+          f"ETA {datetime.timedelta(seconds=round(left))}")
 
 
 def write_summary(output_dir: Path, payload: dict[str, Any]) -> Path:
@@ -241,6 +217,92 @@ def write_summary(output_dir: Path, payload: dict[str, Any]) -> Path:
       continue
     write_json(path, payload)
     return path
+
+
+def folder_results(output_dir: Path) -> list[dict[str, Any]]:
+  """Every pair result (`*_qc.json`) in an output folder, by pair name; unreadable ones
+  are left out."""
+  results = []
+  for path in sorted(Path(output_dir).glob("*_qc.json")):
+    try:
+      result = json.loads(path.read_text())
+    except (OSError, ValueError):
+      continue
+    if isinstance(result, dict) and "pair" in result and "verdict" in result:
+      results.append(result)
+  return results
+
+
+TSV_COLUMNS = (["pair", "verdict", "reasons", "mean_predicted_dice", "min_predicted_dice",
+                "qi", "soft_qi", "predicted_error_ml"]
+               + [f"dice_{s}" for s in STRUCTURES] + [f"error_ml_{s}" for s in STRUCTURES]
+               + [f"volume_ml_{s}" for s in STRUCTURES]
+               + ["missing", "dropped_labels", "label_convention", "image", "mask"])
+
+
+def tsv_row(result: dict[str, Any]) -> dict[str, Any]:
+  """One qc.tsv row: blank for no value, numbers with 4 decimals (Dice, QI) or 2 (ml)."""
+  def number(value, digits):
+    return "" if value is None else f"{value:.{digits}f}"
+  structures = result.get("structures", {})
+  row = {"pair": result["pair"], "verdict": result["verdict"],
+         "reasons": "; ".join(result.get("reasons", [])),
+         "mean_predicted_dice": number(result.get("mean_predicted_dice"), 4),
+         "min_predicted_dice": number(result.get("min_predicted_dice"), 4),
+         "qi": number(result.get("qi"), 4), "soft_qi": number(result.get("soft_qi"), 4),
+         "predicted_error_ml": number(result.get("predicted_error_ml"), 2),
+         "missing": ",".join(result.get("missing", [])),
+         "dropped_labels": ",".join(result.get("dropped_labels", {})),
+         "label_convention": result.get("label_convention", ""),
+         "image": result.get("image", ""), "mask": result.get("mask", "")}
+  for s in STRUCTURES:
+    found = structures.get(s, {})
+    row[f"dice_{s}"] = number(found.get("predicted_dice"), 4)
+    row[f"error_ml_{s}"] = number(found.get("predicted_error_ml"), 2)
+    row[f"volume_ml_{s}"] = number(found.get("mask_volume_ml"), 2)
+  return row
+
+
+def write_folder_report(output_dir: Path, figures: bool = True) -> dict[str, Path]:
+  """Rewrites the folder's `qc.tsv` (one row per result in it), and with figures its
+  `index.html` gallery and the label files for ITK-SNAP and 3D Slicer."""
+  results = folder_results(output_dir)
+  text = io.StringIO()
+  writer = csv.DictWriter(text, TSV_COLUMNS, delimiter="\t", lineterminator="\n")
+  writer.writeheader()
+  writer.writerows(tsv_row(r) for r in results)
+  paths = {"tsv": output_dir / TSV_FILE}
+  with atomic_path(paths["tsv"], ".tsv") as tmp:
+    Path(tmp).write_text(text.getvalue())
+  if not figures:
+    return paths
+  from wh_errmap.report.gallery import write_colour_tables, write_gallery
+  rows = [{"pair": r["pair"], "verdict": r["verdict"],
+           "mean_predicted_dice": r.get("mean_predicted_dice"),
+           "min_predicted_dice": r.get("min_predicted_dice"), "qi": r.get("qi"),
+           "soft_qi": r.get("soft_qi"), "reasons": r.get("reasons", []),
+           "png": f"{r['pair']}_qc.png" if f"{r['pair']}_qc.png" in r.get("files", []) else None,
+           "thumbnail": _thumbnail(output_dir, r),
+           "files": [f"{r['pair']}_qc.json"] + [f for f in r.get("files", [])
+                                                if not f.endswith(".png")],
+           "predicted_dice": {s: v.get("predicted_dice")
+                              for s, v in r.get("structures", {}).items()}} for r in results]
+  paths["html"] = write_gallery(output_dir, rows)
+  values = {}
+  for r in results:
+    for name, s in r.get("structures", {}).items():
+      if s.get("label_value") is not None:
+        values.setdefault(int(s["label_value"]), name)
+  tables = write_colour_tables(output_dir, sorted(values.items()))
+  paths.update({p.name: p for p in tables})
+  return paths
+
+
+def _thumbnail(output_dir: Path, result: dict[str, Any]) -> str | None:
+  for name in (f"{result['pair']}_qc_thumb.png", f"{result['pair']}_qc.png"):
+    if (output_dir / name).exists():
+      return name
+  return None
 
 
 def _same_assessment(report: Path, identity: dict[str, Any], name: str) -> dict[str, Any]:
@@ -281,11 +343,16 @@ def _stem(path: Path) -> str:
 
 
 def _sha256(path: Path) -> str:
+  """SHA-256 of a file, or of a per-structure folder's NIfTI files (names and contents)."""
   digest = hashlib.sha256()
+  files = [path] if not path.is_dir() else _niftis(path)
   try:
-    with open(path, "rb") as f:
-      while chunk := f.read(1 << 20):
-        digest.update(chunk)
+    for file in files:
+      if path.is_dir():
+        digest.update(file.name.encode() + b"\0")
+      with open(file, "rb") as f:
+        while chunk := f.read(1 << 20):
+          digest.update(chunk)
   except OSError as e:
     raise InvalidCaseError(path, f"cannot be read ({e.strerror or e})") from None
   return digest.hexdigest()

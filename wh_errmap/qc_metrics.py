@@ -76,13 +76,13 @@ def predicted_dice(mask: np.ndarray, error_prob: np.ndarray, num_classes: int,
   Returns:
     (C - 1,) float64 estimated Dice of structures 1..C-1, in [0, 1] or NaN.
   """
-  tp, fp, fn = _predicted_dice_terms(mask, error_prob, num_classes, radius)
+  tp, fp, fn = predicted_dice_terms(mask, error_prob, num_classes, radius)
   den = 2.0 * tp + fp + fn
   with np.errstate(invalid="ignore", divide="ignore"):
     return np.where(den > 0, 2.0 * tp / np.where(den > 0, den, 1.0), np.nan)
 
 
-def _predicted_dice_terms(mask: np.ndarray, error_prob: np.ndarray, num_classes: int,
+def predicted_dice_terms(mask: np.ndarray, error_prob: np.ndarray, num_classes: int,
                           radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The (C - 1,) float64 TP, FP and FN sums of `predicted_dice`."""
   mask = np.asarray(mask)

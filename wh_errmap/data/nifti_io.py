@@ -13,7 +13,7 @@ import os
 import re
 import zlib
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 import nibabel as nib
 import numpy as np
@@ -262,20 +262,34 @@ def load_case(image_path: str | os.PathLike,
               case_id: str | None = None) -> Case:
   """Loads and validates an image (and its label), reoriented to RAS+."""
   raw_image, affine = _read(image_path)
+  label = None if label_path is None else (*_read(label_path), label_path)
+  return make_case((raw_image, affine, image_path), label,
+                   case_id or case_id_from_path(image_path))
+
+
+def make_case(image: tuple[np.ndarray, np.ndarray, str | os.PathLike],
+              label: tuple[np.ndarray, np.ndarray, str | os.PathLike] | None, case_id: str,
+              encode: Callable[[str | os.PathLike, np.ndarray], np.ndarray] = None) -> Case:
+  """A validated RAS+ Case from volumes already read: image and label are
+  (raw (X, Y, Z) data, affine, name for messages), the label None or checked against the
+  image's shape and affine. encode(name, raw label) -> uint8 classes 0..7 (default
+  `encode_label`: MMWHS codes or classes 1..7)."""
+  raw_image, affine, image_path = image
   try:
-    return _make_case(raw_image, affine, image_path, label_path, case_id)
+    return _make_case(raw_image, affine, image_path, label, case_id, encode or encode_label)
   except MemoryError:
     raise _out_of_memory(image_path, raw_image.size) from None
 
 
 def _make_case(raw_image: np.ndarray, affine: np.ndarray, image_path: str | os.PathLike,
-               label_path: str | os.PathLike | None, case_id: str | None) -> Case:
+               raw: tuple[np.ndarray, np.ndarray, str | os.PathLike] | None, case_id: str,
+               encode: Callable[[str | os.PathLike, np.ndarray], np.ndarray]) -> Case:
   image = np.asarray(raw_image, dtype=np.float32)
   if not np.all(np.isfinite(image)):
     raise InvalidCaseError(image_path, "image has NaN or Inf intensities")
-  label = None
-  if label_path is not None:
-    raw_label, label_affine = _read(label_path)
+  label, label_path = None, None
+  if raw is not None:
+    raw_label, label_affine, label_path = raw
     if raw_label.shape != image.shape:
       raise InvalidCaseError(
           label_path, f"label shape {raw_label.shape} does not match image shape {image.shape} "
@@ -284,14 +298,14 @@ def _make_case(raw_image: np.ndarray, affine: np.ndarray, image_path: str | os.P
       raise InvalidCaseError(
           label_path, f"label affine differs from the affine of {image_path}:\n"
           f"{np.round(label_affine, 4)} vs {np.round(affine, 4)}".replace("\n", " "))
-    label = encode_label(label_path, raw_label)
+    label = encode(label_path, raw_label)
   canon_image, canon_affine = to_canonical(image, affine)
   if label is not None:
     label, _ = to_canonical(label, affine)
     label = np.ascontiguousarray(label)
   spacing = tuple(float(s) for s in np.sqrt((canon_affine[:3, :3] ** 2).sum(axis=0)))
   return Case(
-      case_id=case_id or case_id_from_path(image_path),
+      case_id=case_id,
       image=np.ascontiguousarray(canon_image, dtype=np.float32),
       label=label,
       spacing=spacing,
@@ -315,3 +329,23 @@ def save_nifti(path: str | os.PathLike, volume: np.ndarray, affine: np.ndarray,
   img.header["descrip"] = description
   with atomic_path(path, suffix) as tmp:
     nib.save(img, str(tmp))
+
+
+def read_image_object(img, name: str) -> tuple[np.ndarray, np.ndarray]:
+  """(X, Y, Z) data and affine of an in-memory nibabel image, validated like a file
+  (`name` stands for the file in messages). A trailing axis of length 1 is dropped."""
+  if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+    raise InvalidCaseError(name, f"expected a NIfTI file path or a nibabel NIfTI image, got "
+                                 f"{type(img).__name__}")
+  shape = tuple(int(s) for s in img.shape)
+  while len(shape) > 3 and shape[-1] == 1:
+    shape = shape[:-1]
+  if len(shape) != 3 or min(shape) < 1:
+    raise InvalidCaseError(name, f"expected a 3D volume, got shape {tuple(img.shape)}")
+  affine = np.asarray(img.affine, np.float64)
+  _check_affine(Path(name), img.header, affine)
+  try:
+    data = np.asanyarray(img.dataobj)
+  except MemoryError:
+    raise _out_of_memory(name, math.prod(shape)) from None
+  return data.reshape(shape), affine

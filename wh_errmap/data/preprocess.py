@@ -158,6 +158,14 @@ def preprocess_case(case: Case, config: PreprocessConfig = PreprocessConfig(),
   return PreprocessedCase(case.case_id, image, label, properties)
 
 
+def valid_region(properties: dict[str, Any]) -> np.ndarray:
+  """(X, Y, Z) bool map of the crop: True on the scan's real voxels, False on the padding
+  where the crop box reaches past the resampled volume."""
+  start = np.asarray(properties["crop_start"])
+  stop = np.asarray(properties["crop_stop"])
+  return _take(np.ones(properties["resampled_shape"], bool), start, stop, fill=False)
+
+
 def restore_to_original(volume: np.ndarray, properties: dict[str, Any],
                         order: int = 0) -> np.ndarray:
   """Maps a (X, Y, Z) volume in preprocessed space back to the original file's grid.

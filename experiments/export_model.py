@@ -1,0 +1,65 @@
+"""Writes a trained run's error-map predictor as one versioned model file.
+
+  python launch.py --experiment=export_model --workdir=RUN --fold=0 --set=output=heart.whqc
+
+The file holds the predictor's parameters and batch statistics, the run's model and
+preprocessing config, the label convention it was trained with (MMWHS structures), a
+description of its training data (source, training cases of the fold, the reference
+statistics of the out-of-distribution checks), the fold and a checksum. `predict
+--model=FILE` uses it without the run. An existing file is replaced only with
+--overwrite.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_collections
+
+from . import base
+from wh_errmap.errors import UserError
+from wh_errmap.predictor import export_predictor, load_predictor, training_reference
+from wh_errmap.progress import console
+from wh_errmap.workdir import load_run_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = base.get_config()
+  c.output = ""       # the model file; "" = WORKDIR/model-fold{k}.whqc
+  c.allow_partial = False  # export a predictor whose training has not finished
+  return c
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  output = Path(config.output or Path(workdir) / f"model-fold{config.fold}.whqc")
+  if output.exists() and not config.overwrite:
+    raise UserError(f"{output} exists: use --overwrite to replace it, or another "
+                    f"--set=output=FILE")
+  predictor = load_predictor(workdir, config.fold, config.allow_partial)
+  run_config = load_run_config(workdir)
+  source = run_config.get("data_dir") or "synthetic phantom"
+  training = {"data_source": ("synthetic whole-heart phantom (seed "
+                              f"{run_config.get('seed')}, {run_config.get('num_cases')} cases)"
+                              if not run_config.get("data_dir") else str(source)),
+              "fold": config.fold}
+  if predictor.reference is None:
+    predictor = _with_reference(predictor, run_config, training)
+  else:
+    training["training_cases"] = predictor.reference.get("case_ids")
+  path = export_predictor(predictor, output, training)
+  console(f"predictor of fold {config.fold} (step {predictor.step} of "
+          f"{predictor.total_steps}) written to {path}"
+          + ("" if predictor.reference else " without a training reference"))
+
+
+def _with_reference(predictor, run_config, training: dict):
+  """The predictor with the training reference computed from the run's data, if found."""
+  import dataclasses
+  from wh_errmap.data.dataset import dataset_from_config
+  try:
+    train_cases, _ = dataset_from_config(run_config).fold(predictor.fold)
+  except UserError as e:
+    console(f"warning: the run's training data cannot be read ({e}): the model file gets "
+            f"no training reference, so predict skips its volume and intensity checks")
+    return predictor
+  training["training_cases"] = [c.case_id for c in train_cases]
+  return dataclasses.replace(predictor, reference=training_reference(train_cases))

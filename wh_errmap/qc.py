@@ -1,0 +1,285 @@
+"""Quality control of one segmentation, in memory: `assess(image, mask, model)`.
+
+    from wh_errmap import qc
+    result = qc.assess("scan.nii.gz", "scan_mask.nii.gz", "heart.whqc", labels="1:RV,2:Myo,3:LV")
+    result.scores["verdict"], result.scores["mean_predicted_dice"], result.error_prob
+
+Nothing is written unless asked (`Assessment.write`). The steps:
+1. The mask is read in its label convention (`wh_errmap.labels`): structures outside the
+   seven are dropped (one warning), missing structures and an empty mask are findings.
+2. Image and mask are preprocessed as the predictor's training data was, cropped around
+   the mask (or the scan's centre for an empty mask), and the predictor gives each voxel's
+   probability of being wrong.
+3. Every score is computed over the scan's real extent only: where the crop box reaches
+   past the scan, the padding is not assessed.
+4. Verdict (first rule that applies):
+   - `fail`: the mask is empty;
+   - `out_of_distribution`: the case is unlike the predictor's training data (see
+     `ood_reasons`), so its scores are not trusted;
+   - `fail`: the mask misses a structure of its convention;
+   - `fail`: mean predicted Dice below `failure_dice`;
+   - `review`: mean predicted Dice below `failure_dice + review_band`, or one structure's
+     predicted Dice below `failure_dice`;
+   - `ok` otherwise.
+   The mean is over the structures of the mask's convention; a missing one counts as 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from wh_errmap.data import NUM_CLASSES, STRUCTURES, InvalidCaseError
+from wh_errmap.data.dataset import preprocess_config
+from wh_errmap.data.nifti_io import _read, case_id_from_path, make_case, read_image_object
+from wh_errmap.data.preprocess import preprocess_case, restore_to_original, valid_region
+from wh_errmap.labels import (EncodedMask, LabelConvention, detect, dropped_warning,
+                              is_structure_folder, parse_labels, read_structure_folder)
+from wh_errmap.predictor import Predictor, histogram_distance, intensity_histogram
+from wh_errmap.progress import console
+from wh_errmap.qc_metrics import predicted_dice_terms
+
+VERDICTS = ("ok", "review", "fail", "out_of_distribution")
+Volume = Any   # a NIfTI path, or a nibabel image (a TotalSegmentator folder for masks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Thresholds of the verdicts (config: predictor.threshold, report.*, qc.*)."""
+  threshold: float = 0.5          # error probability above which a voxel counts as wrong
+  failure_dice: float = 0.75      # mean predicted Dice below this: fail
+  review_band: float = 0.10       # ... below failure_dice + this: review
+  min_real_fraction: float = 0.5  # scan share of the assessed box below this: OOD
+  volume_factor: float = 2.0      # structure volume outside [min / f, max * f] of training
+  intensity_margin: float = 0.25  # histogram distance above training's largest + this
+
+  @classmethod
+  def from_config(cls, config) -> "Settings":
+    return cls(float(config.threshold), float(config.report.failure_dice),
+               float(config.report.review_band), float(config.qc.min_real_fraction),
+               float(config.qc.volume_factor), float(config.qc.intensity_margin))
+
+
+@dataclasses.dataclass(frozen=True)
+class Assessment:
+  """Scores (JSON-ready) and maps of one assessed mask.
+
+  error_prob: (X, Y, Z) float32 on the image file's own grid (0 outside the assessed box).
+  crop: the preprocessed image, mask, error probability and valid region (model grid), for
+  figures. convention: the mask's label convention; encoded: how the mask was read.
+  """
+  scores: dict[str, Any]
+  error_prob: np.ndarray
+  affine: np.ndarray
+  crop: dict[str, Any]
+  properties: dict[str, Any]
+  convention: LabelConvention
+  encoded: EncodedMask
+
+  @property
+  def error(self) -> np.ndarray:
+    """(X, Y, Z) uint8: 1 where the voxel is predicted wrong."""
+    return (self.error_prob > self.scores["threshold"]).astype(np.uint8)
+
+  def errors_by_structure(self) -> np.ndarray:
+    """(X, Y, Z) map in the mask's own label values: each predicted-wrong voxel carries the
+    structure it concerns (its own mask structure, or for a wrong background voxel the
+    nearest structure within 2 voxels of the model grid: a likely miss of it); 0 elsewhere."""
+    mask, wrong = self.crop["mask"], self.crop["error_prob"] > self.scores["threshold"]
+    nearest = mask
+    if mask.any():
+      distance, index = ndimage.distance_transform_edt(mask == 0, return_indices=True)
+      nearest = np.where(distance <= 2, mask[tuple(index)], 0)
+    classes = np.where(wrong, np.where(mask > 0, mask, nearest), 0).astype(np.uint8)
+    return self.convention.decode(restore_to_original(classes, self.properties, order=0))
+
+  def write(self, output_dir: str | os.PathLike, name: str) -> dict[str, Path]:
+    """Writes `<name>_error_prob.nii.gz`, `<name>_error.nii.gz` and
+    `<name>_errors_by_structure.nii.gz` (all atomically). Returns {kind: path}."""
+    from wh_errmap.data import save_nifti
+    folder = Path(output_dir)
+    paths = {kind: folder / f"{name}_{kind}.nii.gz"
+             for kind in ("error_prob", "error", "errors_by_structure")}
+    try:
+      save_nifti(paths["error_prob"], self.error_prob, self.affine)
+      save_nifti(paths["error"], self.error, self.affine)
+      save_nifti(paths["errors_by_structure"], self.errors_by_structure(), self.affine)
+    except BaseException:
+      for path in paths.values():
+        path.unlink(missing_ok=True)
+      raise
+    return paths
+
+
+def convention_from(labels: str | LabelConvention | None) -> LabelConvention | None:
+  """--labels as given: None or "" (decided per mask by `labels.detect`), a spec, or one."""
+  if labels is None or isinstance(labels, LabelConvention):
+    return labels
+  return parse_labels(labels) if str(labels).strip() else None
+
+
+def read_volume(volume: Volume, what: str) -> tuple[np.ndarray, np.ndarray, str]:
+  """(data, affine, name) of a path or a nibabel image; errors name the file."""
+  if isinstance(volume, (str, os.PathLike)):
+    return (*_read(volume), str(volume))
+  name = getattr(volume, "get_filename", lambda: None)() or f"<{what} in memory>"
+  return (*read_image_object(volume, name), name)
+
+
+def assess(image: Volume, mask: Volume, model: Predictor | str | os.PathLike,
+           labels: str | LabelConvention | None = None, settings: Settings | None = None,
+           progress: Callable[[str], None] = console) -> Assessment:
+  """Assesses `mask` (a path, a nibabel image, or a TotalSegmentator per-structure folder)
+  of `image` (a path or a nibabel image) with `model` (a Predictor or a model file path).
+
+  labels: the mask's label convention (see `wh_errmap.labels.parse_labels`); None accepts
+  MMWHS codes only. Raises InvalidCaseError (one line, naming the file) for unusable input.
+  """
+  predictor = model if isinstance(model, Predictor) else _load_model_file(model)
+  settings = settings or Settings()
+  convention = convention_from(labels)
+  image_volume = read_volume(image, "image")
+  if isinstance(mask, (str, os.PathLike)) and is_structure_folder(mask):
+    raw, affine, folder_convention = read_structure_folder(mask)
+    mask_volume, convention = (raw, affine, str(mask)), convention or folder_convention
+  else:
+    mask_volume = read_volume(mask, "mask")
+  read: dict[str, Any] = {}
+
+  def encode(path, raw: np.ndarray) -> np.ndarray:
+    read["convention"] = convention or detect(path, raw)
+    read["encoded"] = read["convention"].encode(path, raw)
+    return read["encoded"].classes
+
+  case = make_case(image_volume, mask_volume, case_id_from_path(image_volume[2]), encode)
+  encoded, convention = read["encoded"], read["convention"]
+  warning = dropped_warning(mask_volume[2], encoded, convention)
+  if warning:
+    progress(warning)
+  pre = preprocess_case(case, preprocess_config(predictor.config))
+  valid = valid_region(pre.properties)
+  prob = np.where(valid, predictor.error_map(pre.image, pre.label), 0.0).astype(np.float32)
+  scores = _scores(pre.image, pre.label, prob, valid, pre.properties, predictor, convention,
+                   encoded, settings)
+  restored = restore_to_original(prob, pre.properties, order=1).astype(np.float32)
+  return Assessment(scores, restored, np.asarray(pre.properties["original_affine"]),
+                    {"image": pre.image, "mask": pre.label, "error_prob": prob, "valid": valid,
+                     "spacing": tuple(pre.properties["spacing"])},
+                    pre.properties, convention, encoded)
+
+
+def _load_model_file(path) -> Predictor:
+  from wh_errmap.predictor import load_predictor_file
+  return load_predictor_file(path)
+
+
+def _scores(image: np.ndarray, mask: np.ndarray, prob: np.ndarray, valid: np.ndarray,
+            properties: dict, predictor: Predictor, convention: LabelConvention,
+            encoded: EncodedMask, settings: Settings) -> dict[str, Any]:
+  """Every score of one assessment, over the valid voxels only."""
+  ml = float(np.prod(properties["spacing"])) / 1000.0
+  tp, fp, fn = predicted_dice_terms(mask, prob, NUM_CLASSES, 1)
+  counts = np.bincount(mask.ravel(), minlength=NUM_CLASSES)
+  structures = {}
+  for c, name in enumerate(STRUCTURES, start=1):
+    value = convention.structure_value(c)
+    den = 2 * tp[c - 1] + fp[c - 1] + fn[c - 1]
+    structures[name] = {
+        "label_value": value, "label_name": None if value is None else convention.names[value],
+        "present": bool(counts[c]), "mask_volume_ml": float(counts[c]) * ml,
+        "predicted_dice": float(2 * tp[c - 1] / den) if counts[c] and den > 0 else None,
+        "predicted_error_ml": float(fp[c - 1] + fn[c - 1]) * ml}
+  expected = [s for s, v in structures.items() if v["label_value"] is not None]
+  dice = [structures[s]["predicted_dice"] or 0.0 for s in expected]
+  wrong = (prob > settings.threshold) & valid
+  scores = {
+      "threshold": settings.threshold,
+      "qi": float(1.0 - wrong.sum() / max(1, valid.sum())),
+      "soft_qi": float(1.0 - prob[valid].sum() / max(1, valid.sum())),
+      "mean_predicted_dice": float(np.mean(dice)) if dice else None,
+      "min_predicted_dice": float(np.min(dice)) if dice else None,
+      "predicted_error_ml": float(wrong.sum()) * ml,
+      "assessed_voxels": int(valid.sum()), "box_voxels": int(valid.size),
+      "voxel_ml": ml, "label_convention": convention.name,
+      "structures": structures,
+      "missing": [s for s in expected if not structures[s]["present"]],
+      "not_in_convention": [s for s in STRUCTURES if s not in expected],
+      "empty": bool(encoded.empty),
+      "dropped_labels": {str(v): n for v, n in encoded.dropped.items()},
+  }
+  ood = ood_reasons(image, mask, valid, properties, predictor.reference, settings)
+  scores["verdict"], scores["reasons"] = verdict(scores, ood, settings)
+  scores["training_reference"] = predictor.reference is not None
+  return scores
+
+
+def ood_reasons(image: np.ndarray, mask: np.ndarray, valid: np.ndarray, properties: dict,
+                reference: dict | None, settings: Settings) -> list[str]:
+  """Why a case is unlike the predictor's training data (empty: it is not):
+    - the scan covers less than `min_real_fraction` of the assessed box (a small field of
+      view: most of what the predictor would see is padding);
+    - a structure's volume is outside the training range widened by `volume_factor`;
+    - the histogram of preprocessed intensities is farther from the training one (total
+      variation distance) than any training case's, plus `intensity_margin`.
+  Without a training reference only the first check runs.
+  """
+  reasons = []
+  fraction = float(valid.mean())
+  if fraction < settings.min_real_fraction:
+    extent = np.asarray(properties["canonical_shape"]) * np.asarray(
+        properties["canonical_spacing"])
+    reasons.append(f"the scan covers {fraction:.0%} of the assessed heart box (field of view "
+                   f"{' x '.join(f'{e:.0f}' for e in extent)} mm)")
+  if reference is None:
+    return reasons
+  ml = float(np.prod(properties["spacing"])) / 1000.0
+  counts = np.bincount(mask.ravel(), minlength=NUM_CLASSES)
+  f = settings.volume_factor
+  for c, name in enumerate(STRUCTURES, start=1):
+    low, high = reference["volume_ml"][name]
+    volume = counts[c] * ml
+    if counts[c] and not low / f <= volume <= high * f:
+      reasons.append(f"{name} volume {volume:.1f} ml is outside the training range "
+                     f"{low:.1f}-{high:.1f} ml (x{f:g})")
+  distance = histogram_distance(intensity_histogram(image, valid),
+                                reference["intensity_histogram"])
+  limit = reference["intensity_distance_max"] + settings.intensity_margin
+  if distance > limit:
+    reasons.append(f"intensity distribution unlike training (distance {distance:.2f} > "
+                   f"{limit:.2f})")
+  return reasons
+
+
+def verdict(scores: dict[str, Any], ood: list[str], settings: Settings,
+            ) -> tuple[str, list[str]]:
+  """(verdict, reasons) by the rules of the module docstring."""
+  if scores["empty"]:
+    return "fail", ["the mask is empty: none of the heart structures is labelled", *ood]
+  missing = [f"missing structure(s): {', '.join(scores['missing'])}"] if scores["missing"] else []
+  if ood:   # a scan cut short may lack structures: the scan's problem comes first
+    return "out_of_distribution", ood + missing
+  if missing:
+    return "fail", missing
+  mean, low = scores["mean_predicted_dice"], settings.failure_dice
+  weak = [f"{name} {s['predicted_dice']:.2f}" for name, s in scores["structures"].items()
+          if s["predicted_dice"] is not None and s["predicted_dice"] < low]
+  if mean < low:
+    return "fail", [f"mean predicted Dice {mean:.3f} < {low:g}"]
+  if mean < low + settings.review_band or weak:
+    reasons = [f"mean predicted Dice {mean:.3f} < {low + settings.review_band:g}"
+               if mean < low + settings.review_band else None,
+               f"predicted Dice below {low:g}: {', '.join(weak)}" if weak else None]
+    return "review", [r for r in reasons if r]
+  return "ok", []
+
+
+def check_inputs(image: Volume, mask: Volume) -> None:
+  """Raises InvalidCaseError when a path given does not exist (before any model work)."""
+  for what, path in (("image", image), ("mask", mask)):
+    if isinstance(path, (str, os.PathLike)) and not Path(path).exists():
+      raise InvalidCaseError(path, f"{what} not found")
