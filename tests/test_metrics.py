@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from wh_errmap import metrics
+from wh_errmap import metrics, qc_metrics
 
 SHAPES = [(3, 5, 6), (2, 4, 5, 6), (1, 17)]
 SEEDS = [0, 1, 2]
@@ -88,18 +88,13 @@ def test_quality_indicator_of_true_error_map_is_segmentation_accuracy():
 def test_pearson_and_mae_hand_computed():
   x = np.array([1.0, 2.0, 3.0, 4.0])
   y = np.array([2.0, 4.0, 5.0, 9.0])
-  # dx = (-1.5, -.5, .5, 1.5), dy = (-3, -1, 0, 4): r = 11 / sqrt(5 * 26) = 0.96476...
-  r = metrics.pearson(x, y)
-  np.testing.assert_allclose(r, 11 / np.sqrt(130), rtol=1e-6)
-  # t = r sqrt(2 / (1 - r^2)) = 11 sqrt(2) / 3 with 2 degrees of freedom.
-  expected_p = 2 * stats.t.sf(11 * np.sqrt(2) / 3, 2)
-  np.testing.assert_allclose(metrics.pearson_pvalue(11 / np.sqrt(130), 4), expected_p, rtol=1e-12)
-  # |x - y| = (1, 2, 2, 5).
-  np.testing.assert_allclose(metrics.mae(x, y), 2.5)
   out = metrics.correlation_stats(x, y)
   assert out["n"] == 4 and all(isinstance(out[k], float) for k in ("pcc", "p_value", "mae"))
+  # dx = (-1.5, -.5, .5, 1.5), dy = (-3, -1, 0, 4): r = 11 / sqrt(5 * 26) = 0.96476...;
+  # t = r sqrt(2 / (1 - r^2)) = 11 sqrt(2) / 3 with 2 degrees of freedom; |x - y| = (1, 2, 2, 5).
+  expected_p = 2 * stats.t.sf(11 * np.sqrt(2) / 3, 2)
   np.testing.assert_allclose([out["pcc"], out["p_value"], out["mae"]],
-                             [11 / np.sqrt(130), expected_p, 2.5], rtol=1e-5)
+                             [11 / np.sqrt(130), expected_p, 2.5], rtol=1e-12)
 
 
 # ---------------------------------------------------------------- empty-set policies
@@ -134,11 +129,13 @@ def test_pearson_of_constant_input_is_nan():
   # leaves tiny deviations that a naive formula would correlate.
   x = np.full(7, 0.1, np.float32)
   y = np.linspace(0.0, 1.0, 7, dtype=np.float32)
-  assert np.isnan(metrics.pearson(x, y)) and np.isnan(metrics.pearson(y, x))
-  out = metrics.correlation_stats(x, y)
-  assert np.isnan(out["pcc"]) and np.isnan(out["p_value"]) and out["n"] == 7
-  assert metrics.pearson_pvalue(1.0, 10) == 0.0
-  assert np.isnan(metrics.pearson_pvalue(0.5, 2))
+  for out in (metrics.correlation_stats(x, y), metrics.correlation_stats(y, x)):
+    assert np.isnan(out["pcc"]) and np.isnan(out["p_value"]) and out["n"] == 7
+    assert np.isfinite(out["mae"])
+  exact = metrics.correlation_stats(np.arange(10.0), 2 * np.arange(10.0))
+  assert exact["pcc"] == pytest.approx(1.0, rel=1e-12) and 0.0 <= exact["p_value"] < 1e-12
+  two = metrics.correlation_stats(np.array([0.5, 0.7]), np.array([0.1, 0.9]))
+  assert np.isnan(two["pcc"]) and np.isnan(two["p_value"]) and two["mae"] == pytest.approx(0.3)
 
 
 def test_mismatched_shapes_raise():
@@ -215,14 +212,26 @@ def test_correlation_matches_scipy(m):
     acc = rng.uniform(0.9, 1.0, m)
     qi = acc + rng.normal(0, 0.01, m)
     expected = stats.pearsonr(qi, acc)
-    np.testing.assert_allclose(metrics.pearson(qi, acc), expected.statistic, atol=2e-6)
-    np.testing.assert_allclose(metrics.pearson_pvalue(expected.statistic, m), expected.pvalue,
-                               rtol=1e-9)
     out = metrics.correlation_stats(qi, acc)
-    # p depends steeply on r for large m (d log p / dr ~ m r / (1 - r^2)): float32 r costs
-    # a few 1e-4 of relative precision there.
-    np.testing.assert_allclose(out["p_value"], expected.pvalue, rtol=2e-3)
-    np.testing.assert_allclose(out["mae"], np.mean(np.abs(qi - acc)), rtol=1e-5)
+    assert out["n"] == m
+    # float64 throughout: p depends steeply on r for large m (d log p / dr ~ m r / (1 - r^2)),
+    # which a float32 r would cost a few 1e-4 of relative precision.
+    np.testing.assert_allclose(out["pcc"], expected.statistic, rtol=1e-12)
+    np.testing.assert_allclose(out["p_value"], expected.pvalue, rtol=1e-9)
+    np.testing.assert_allclose(out["mae"], np.mean(np.abs(qi - acc)), rtol=1e-12)
+
+
+def test_correlation_stats_is_qc_metrics_correlations(monkeypatch):
+  # qi_stats.json (correlation_stats) and qc_stats.json (qc_metrics.correlations) must not
+  # drift apart again: replacing the one implementation changes what correlation_stats says.
+  def stand_in(estimate, truth):
+    assert estimate.shape == truth.shape == (3,)
+    return {"pcc": 0.25, "pcc_p": 0.5, "spearman": 0.0, "spearman_p": 1.0, "mae": 0.125, "n": 3}
+
+  monkeypatch.setattr(qc_metrics, "correlations", stand_in)
+  assert metrics.correlation_stats(np.zeros(3), np.ones(3)) == {
+      "pcc": 0.25, "p_value": 0.5, "mae": 0.125, "n": 3}
+  assert not any(hasattr(metrics, name) for name in ("pearson", "pearson_pvalue", "mae"))
 
 
 # ---------------------------------------------------------------- jit
@@ -242,8 +251,6 @@ def test_jit_matches_eager():
         "seg": metrics.segmentation_scores(mask, label, 4),
         "qi": metrics.quality_indicator(prob),
         "soft_qi": metrics.soft_quality_indicator(prob),
-        "pcc": metrics.pearson(prob.ravel(), prob.ravel() ** 2),
-        "mae": metrics.mae(prob.ravel(), prob.ravel() ** 2),
     }
 
   args = (pred, true, mask, label, prob)

@@ -29,8 +29,9 @@ QI = 1 - mean of the thresholded predicted error map, so that a perfect predicti
 exactly the segmentation's voxel accuracy. Thresholding is strict (p > 0.5), which for a
 sigmoid output is logit > 0 and matches an argmax that breaks ties towards "correct".
 
-`pearson` and `mae` are jnp; `pearson_pvalue` and `correlation_stats` run on the host with
-SciPy and return Python numbers for reports.
+How well QI tracks the true accuracy (PCC, its p-value, MAE) is a report statistic, computed
+on the host in float64 by `qc_metrics.correlations`, the one implementation behind both
+qi_stats.json and qc_stats.json; `correlation_stats` gives it the names of qi_stats.json.
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import stats
+
+from wh_errmap import qc_metrics
 
 # The paper's "thresholded binary map": a voxel is predicted wrong when its error
 # probability exceeds this.
@@ -159,75 +161,24 @@ def soft_quality_indicator(error_prob: jax.Array) -> jax.Array:
   return 1.0 - jnp.mean(error_prob.astype(jnp.float32), axis=spatial)
 
 
-@jax.jit
-def pearson(x: jax.Array, y: jax.Array) -> jax.Array:
-  """Pearson correlation coefficient of two samples.
-
-  Args:
-    x, y: (M,) float values, M >= 2.
-  Returns:
-    float32 scalar in [-1, 1]; NaN when x or y is constant (the correlation is undefined;
-    SciPy's pearsonr returns NaN too). Constancy is tested exactly, as SciPy does, because
-    the float32 mean of equal values need not equal them and would leave tiny residuals.
-  """
-  if x.ndim != 1 or x.shape != y.shape:
-    raise ValueError(f"pearson needs two (M,) arrays, got {x.shape} and {y.shape}")
-  x, y = x.astype(jnp.float32), y.astype(jnp.float32)
-  dx, dy = x - x.mean(), y - y.mean()
-  # Dividing by each norm separately avoids sum(dx^2) * sum(dy^2), which underflows in
-  # float32 once deviations fall below about 1e-10.
-  dx = dx / jnp.linalg.norm(dx)
-  dy = dy / jnp.linalg.norm(dy)
-  constant = jnp.all(x == x[0]) | jnp.all(y == y[0])
-  return jnp.where(constant, jnp.nan, jnp.clip(jnp.sum(dx * dy), -1.0, 1.0))
-
-
-def pearson_pvalue(r: float, n: int) -> float:
-  """Two-sided p-value of a Pearson correlation r over n pairs (host function, SciPy).
-
-  Under the null hypothesis t = r sqrt((n - 2) / (1 - r^2)) follows Student's t with n - 2
-  degrees of freedom; this is the p-value of scipy.stats.pearsonr.
-
-  Args:
-    r: correlation coefficient (Python or NumPy scalar, or a concrete jax scalar).
-    n: number of pairs.
-  Returns:
-    p in [0, 1]; 0 for |r| = 1; NaN for a NaN r or n < 3 (no degrees of freedom left;
-    SciPy answers 1.0 for n = 2, where r is always +-1).
-  """
-  r = abs(float(r))
-  if math.isnan(r) or n < 3:
-    return math.nan
-  if r >= 1.0:
-    return 0.0
-  # (1 - r)(1 + r) keeps the precision that 1 - r^2 loses for r near 1.
-  t = r * math.sqrt((n - 2) / ((1.0 - r) * (1.0 + r)))
-  return float(2.0 * stats.t.sf(t, n - 2))
-
-
-@jax.jit
-def mae(x: jax.Array, y: jax.Array) -> jax.Array:
-  """Mean absolute error of (M,) arrays x and y -> float32 scalar."""
-  return jnp.mean(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))
-
-
 def correlation_stats(qi: jax.Array | np.ndarray,
                       truth: jax.Array | np.ndarray) -> dict[str, float | int]:
   """How well QI tracks a true quality measure (segmentation Acc or DSC) over M masks.
 
-  Host helper for reports.
+  Host function for reports: `qc_metrics.correlations` in float64, under the names of
+  qi_stats.json, with its policies (pairs with a NaN side dropped; undefined is NaN, never
+  an exception).
 
   Args:
     qi: (M,) quality indicators.
     truth: (M,) true values of the same masks.
   Returns:
     {"pcc": Pearson r, "p_value": its two-sided p-value, "mae": mean |qi - truth|} as Python
-    floats (pcc and p_value NaN for constant input), and "n": M as a Python int.
+    floats and "n": the number of pairs used as a Python int. pcc and p_value are NaN with
+    fewer than 3 pairs or constant input; mae is NaN only with no pair.
   """
-  qi, truth = jnp.asarray(qi), jnp.asarray(truth)
-  r = float(pearson(qi, truth))
-  n = int(qi.shape[0])
-  return {"pcc": r, "p_value": pearson_pvalue(r, n), "mae": float(mae(qi, truth)), "n": n}
+  c = qc_metrics.correlations(np.asarray(qi), np.asarray(truth))
+  return {"pcc": c["pcc"], "p_value": c["pcc_p"], "mae": c["mae"], "n": c["n"]}
 
 
 def _ratio(num: jax.Array, den: jax.Array, empty: float | jax.Array) -> jax.Array:

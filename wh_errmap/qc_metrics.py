@@ -9,7 +9,9 @@ or of case-level vectors and return NumPy arrays or Python numbers.
   failure_auroc            how well a low score flags cases with Dice below a threshold
   calibration_bins,        voxel-level calibration of error probabilities: summable bin
   expected_calibration_error, reliability_curve   statistics, ECE and the reliability curve
-  correlations             Pearson / Spearman / MAE between estimates and true values
+  correlations             Pearson / Spearman / MAE between estimates and true values: the
+                           one implementation of the report's PCC, p-value and MAE (qc_stats.json
+                           directly, qi_stats.json through metrics.correlation_stats)
 
 Policies shared by the case-level functions (risk_coverage, aurc, e_aurc, failure_auroc,
 correlations): a case whose score or true value is NaN (e.g. the per-class Dice of a class

@@ -1,13 +1,15 @@
 """Synthetic phantom: determinism, labels, header geometry, file layout, anatomy, appearance."""
 from __future__ import annotations
 
+import dataclasses
+
 import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from tests.conftest import write_nifti
-from wh_errmap.data import phantom
+from wh_errmap.data import anatomy, phantom
 from wh_errmap.data.nifti_io import MMWHS_CODES, STRUCTURES, load_case
 from wh_errmap.data.phantom import make_phantom_case, phantom_geometry, write_phantom
 from wh_errmap.errors import UserError
@@ -47,6 +49,21 @@ def test_dtypes_and_label_codes():
   assert image.shape == label.shape and affine.shape == (4, 4)
   assert set(np.unique(label)) == {0, *MMWHS_CODES}
   assert image.min() >= 0 and 500 < np.percentile(image[label > 0], 90) < 3000
+
+
+def test_template_coords_undo_the_placement():
+  # Without the deformation, world = translation + scale * rotation @ template: the map that
+  # world_bounds applies to outline points, which template_coords must invert.
+  heart = anatomy.draw_anatomy(np.random.default_rng(0))
+  rigid = dataclasses.replace(heart, amp=np.zeros_like(heart.amp))
+  template = np.random.default_rng(1).uniform(-80, 80, (3, 5))
+  world = (rigid.translation[:, None] + rigid.scale * rigid.rotation @ template).astype(np.float32)
+  q = rigid.template_coords(*(w.reshape(-1, 1, 1) for w in world))
+  np.testing.assert_allclose([c[:, 0, 0] for c in q], template, atol=1e-3)
+  # The deformation moves points by at most max_displacement (mm) before the inverse placement.
+  deformed = heart.template_coords(*(w.reshape(-1, 1, 1) for w in world))
+  shift = np.linalg.norm(np.array([c[:, 0, 0] for c in deformed]) - template, axis=0)
+  assert shift.max() <= heart.max_displacement() / heart.scale + 1e-3
 
 
 def test_geometry_matches_the_case():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +12,16 @@ from scipy import stats
 
 from experiments import cv_report
 from tests.conftest import blob_label
+from wh_errmap import qc_metrics
 from wh_errmap.data import MMWHS_CODES, STRUCTURES, save_nifti
 from wh_errmap.errors import UserError
 from wh_errmap.evaluation import write_records
 from wh_errmap.masks import AUTO_MASK_TYPES, MASK_TYPES
 from wh_errmap.report import build_report
 from wh_errmap.report import panels
+from wh_errmap.report import qc as report_qc
 from wh_errmap.report.folds import read_fold, read_folds
-from wh_errmap.report.tables import TABLE1_COLUMNS, TABLE1_ROWS, qi_statistics, table1
+from wh_errmap.report.tables import TABLE1_COLUMNS, TABLE1_ROWS, qi_scope, qi_statistics, table1
 
 CASES = {0: ["mr_train_1001", "mr_train_1002", "mr_train_1003"],
          1: ["mr_train_1004", "mr_train_1005"]}
@@ -150,14 +153,14 @@ def test_qi_statistics_match_scipy(run):
   for key, field in (("acc", "true_acc"), ("dsc", "seg_dsc")):
     truth = np.array([r[field] for r in flat])
     r, p = stats.pearsonr(qi, truth)
-    assert saved["all"][key]["pcc"] == pytest.approx(r, abs=1e-5)
-    assert saved["all"][key]["p_value"] == pytest.approx(p, rel=1e-3, abs=1e-12)
+    assert saved["all"][key]["pcc"] == pytest.approx(r, rel=1e-12)
+    assert saved["all"][key]["p_value"] == pytest.approx(p, rel=1e-9)
     assert saved["all"][key]["n"] == len(flat)
   assert saved["all"]["acc"]["mae"] == pytest.approx(
-      np.mean(np.abs(qi - [r["true_acc"] for r in flat])), abs=1e-6)
+      np.mean(np.abs(qi - [r["true_acc"] for r in flat])), rel=1e-12)
   fold1 = records[1]
   r1, _ = stats.pearsonr([r["qi"] for r in fold1], [r["true_acc"] for r in fold1])
-  assert saved["folds"]["1"]["acc"]["pcc"] == pytest.approx(r1, abs=1e-5)
+  assert saved["folds"]["1"]["acc"]["pcc"] == pytest.approx(r1, rel=1e-12)
   assert saved["auto"]["n"] == 10 * (len(CASES[0]) + len(CASES[1]))
 
 
@@ -227,7 +230,6 @@ def test_cv_report_experiment(tmp_path, capsys):
 
 
 def test_qc_statistics_in_the_report(run):
-  from wh_errmap import qc_metrics
   workdir, records, _ = run
   qc = json.loads((workdir / "report" / "qc_stats.json").read_text())
   auto = [r for fold in records.values() for r in fold if r["mask_type"] != "gt"]
@@ -252,3 +254,42 @@ def test_qc_statistics_in_the_report(run):
   report = (workdir / "report" / "report.md").read_text()
   assert "## Beyond the paper" in report and "failure AUROC" in report
   assert "Folds without calibration.json: [1]" in report
+  # The same pairs (QI, Dice of the auto masks) in both files: the same numbers.
+  qi_stats = json.loads((workdir / "report" / "qi_stats.json").read_text())
+  assert qi_stats["auto"]["dsc"]["pcc"] == pytest.approx(rows["qi"]["pcc"], rel=1e-12)
+
+
+def test_qi_and_qc_statistics_share_one_correlation():
+  # qi_stats.json comes from tables.qi_scope, qc_stats.json from report.qc; both must use
+  # qc_metrics.correlations, so equal pairs give equal PCC, p-value and MAE.
+  assert report_qc.correlations is qc_metrics.correlations
+  rng = np.random.default_rng(5)
+  for _ in range(3):
+    records = [r for fold in CASES for r in fake_records(fold, rng)
+               if r["mask_type"] != "gt"]
+    scores = {row["field"]: row for row in report_qc.score_table(records, 0.75)}
+    mean_pd = report_qc.structure_table(records)[-1]
+    qi = qi_scope(records)["dsc"]
+    pd = qi_scope(records, qi_field="pd_mean")["dsc"]
+    assert qi["n"] == scores["qi"]["n"] == len(records)
+    assert qi["pcc"] == pytest.approx(scores["qi"]["pcc"], rel=1e-12, abs=1e-12)
+    assert pd["pcc"] == pytest.approx(mean_pd["pcc"], rel=1e-12, abs=1e-12)
+    assert pd["p_value"] == pytest.approx(mean_pd["pcc_p"], rel=1e-12, abs=1e-300)
+    assert pd["mae"] == pytest.approx(mean_pd["mae"], rel=1e-12, abs=1e-12)
+
+
+def test_qc_figures_leave_no_pyplot_state(tmp_path, monkeypatch):
+  import matplotlib.pyplot as plt
+  records = fake_records(0, np.random.default_rng(2))
+  write_calibration(tmp_path)
+  bins = report_qc.add_bins([json.loads((tmp_path / "calibration.json").read_text())])
+  plt.close("all")
+  report_qc.risk_coverage_figure(records, tmp_path / "risk_coverage.png")
+  report_qc.reliability_figure(bins, tmp_path / "reliability.png")
+  assert plt.get_fignums() == []
+  # With pyplot unimportable the figures are still made: they never touch it.
+  monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+  report_qc.risk_coverage_figure(records, tmp_path / "risk_coverage2.png")
+  report_qc.reliability_figure(bins, tmp_path / "reliability2.png")
+  for name in ("risk_coverage2.png", "reliability2.png"):
+    assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")

@@ -1,13 +1,9 @@
 """Synthetic whole-heart MR phantom, written in the MMWHS 2017 file layout.
 
-A case depends only on (seed, index). Its anatomy is a template heart in world millimetres,
-RAS+ (x toward the patient's Right, y Anterior, z Superior), built from truncated ellipsoids
-(chambers, myocardium) and tubes (outflow tracts, great vessels, veins), with the origin at
-the mitral valve and the long axis pointing left-anterior-inferior from base to apex. Each
-case draws a global scale, per-structure size and position jitter, a small rotation and a
-translation, and a smooth random deformation (a sum of low-frequency sinusoids) that is
-applied to world coordinates before the shapes are evaluated, so no two hearts share a
-template shape exactly. Overlaps resolve by a fixed priority (painting order).
+A case depends only on (seed, index). Its heart is drawn by `anatomy.draw_anatomy` (shapes in
+template millimetres, placed in the world with a per-case scale, rotation, translation and
+smooth deformation); this module puts it on a scanner grid, renders the intensities and
+writes the files. Overlaps of structures resolve by a fixed priority (painting order).
 
 The scan is a raw scanner grid: anisotropic spacing (in-plane 0.9-1.3 mm, slices 1.4-2.0 mm)
 and an affine that is a permuted, flipped diagonal (axial, sagittal or coronal slices, in
@@ -37,6 +33,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from wh_errmap.data.anatomy import (OUTLINE_SLACK_MM, Anatomy, Ellipsoid, draw_anatomy,
+                                    unit_vector)
 from wh_errmap.data.nifti_io import MMWHS_CODES, save_nifti
 from wh_errmap.errors import UserError
 from wh_errmap.progress import console
@@ -58,261 +56,6 @@ MIN_MARGIN_MM = 20.0  # scan coverage beyond the heart, more than the crop margi
 DESCRIPTION = "wh_errmap phantom"
 # Temporary files of a save_nifti that was killed (atomic_path names them `.NAME.*`).
 _LEFTOVER = re.compile(r"^\.mr_train_\d+_(image|label)\.nii\.gz\.")
-
-
-def _unit(v) -> np.ndarray:
-  v = np.asarray(v, np.float64)
-  return v / np.linalg.norm(v)
-
-
-def _perp(v, axis: np.ndarray) -> np.ndarray:
-  """The unit component of v perpendicular to the unit vector `axis`."""
-  v = np.asarray(v, np.float64)
-  return _unit(v - (v @ axis) * axis)
-
-
-def _random_rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
-  """A rotation about a uniformly random axis by an angle uniform in +-max_deg (3x3)."""
-  axis = _unit(rng.normal(size=3))
-  angle = np.deg2rad(rng.uniform(-max_deg, max_deg))
-  k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-  return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)
-
-
-def _sphere_points(n: int = 4096) -> np.ndarray:
-  """(n, 3) nearly uniform unit vectors (Fibonacci lattice)."""
-  z = 1 - 2 * (np.arange(n) + 0.5) / n
-  phi = np.arange(n) * np.pi * (3 - np.sqrt(5))
-  r = np.sqrt(1 - z * z)
-  return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=1)
-
-
-_SPHERE = _sphere_points()
-_CIRCLE = np.linspace(0, 2 * np.pi, 64, endpoint=False)
-# Outline points lie on the surface; boxes grow by this much to cover the gaps between them.
-_OUTLINE_SLACK_MM = 2.0
-
-
-# --- Shapes: evaluated on template coordinates q = (q0, q1, q2), float32 arrays. -----------
-# outline() gives surface points whose bounding box, grown by _OUTLINE_SLACK_MM, contains the
-# shape; boxes of placed and deformed shapes come from those points.
-
-@dataclasses.dataclass(frozen=True)
-class _Ellipsoid:
-  """Points with sum_k ((axes[k] . (q - center)) / radii[k])^2 <= 1, optionally cut by a
-  plane: only points with normal . q <= offset are kept (a chamber ends at its valve plane).
-  """
-  center: np.ndarray
-  axes: np.ndarray    # (3, 3), rows are orthonormal semi-axis directions
-  radii: np.ndarray   # (3,)
-  cut: tuple[np.ndarray, float] | None = None
-
-  def outline(self) -> np.ndarray:
-    points = self.center + (_SPHERE * self.radii) @ self.axes
-    if self.cut is not None:
-      n, offset = self.cut
-      points = points[points @ n <= offset]
-    return points
-
-  def grown(self, delta: float) -> _Ellipsoid:
-    return _Ellipsoid(self.center, self.axes, self.radii + delta)
-
-  def inside(self, q) -> np.ndarray:
-    level = None
-    for axis, radius in zip(self.axes, self.radii):
-      a = (axis / radius).astype(np.float32)
-      u = a[0] * q[0] + a[1] * q[1] + a[2] * q[2] - np.float32(a @ self.center)
-      level = u * u if level is None else level + u * u
-    mask = level <= 1
-    if self.cut is not None:
-      n, offset = self.cut
-      n = n.astype(np.float32)
-      mask &= n[0] * q[0] + n[1] * q[1] + n[2] * q[2] <= np.float32(offset)
-    return mask
-
-
-def _ball(center, radius: float) -> _Ellipsoid:
-  return _Ellipsoid(np.asarray(center, np.float64), np.eye(3), np.full(3, float(radius)))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Segment:
-  """A truncated cone from a (radius ra) to b (radius rb) with flat ends."""
-  a: np.ndarray
-  b: np.ndarray
-  ra: float
-  rb: float
-
-  def outline(self) -> np.ndarray:
-    axis = _unit(self.b - self.a)
-    u = _perp(np.eye(3)[np.argmin(np.abs(axis))], axis)
-    ring = np.cos(_CIRCLE)[:, None] * u + np.sin(_CIRCLE)[:, None] * np.cross(axis, u)
-    return np.concatenate([self.a + self.ra * ring, self.b + self.rb * ring])
-
-  def inside(self, q) -> np.ndarray:
-    ab = self.b - self.a
-    length2 = float(ab @ ab)
-    w = (ab / length2).astype(np.float32)
-    d = [q[k] - np.float32(self.a[k]) for k in range(3)]
-    s = w[0] * d[0] + w[1] * d[1] + w[2] * d[2]
-    dist2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2] - np.float32(length2) * s * s
-    r = np.float32(self.ra) + np.float32(self.rb - self.ra) * s
-    return (s >= 0) & (s <= 1) & (dist2 <= r * r)
-
-
-def _tube(points, radii) -> list:
-  """A polyline tube: cones between the points, balls at the inner joints, flat ends (so a
-  vessel meets its chamber in a valve plane)."""
-  points = [np.asarray(p, np.float64) for p in points]
-  parts: list = [_Segment(points[i], points[i + 1], radii[i], radii[i + 1])
-                 for i in range(len(points) - 1)]
-  parts += [_ball(points[i], radii[i]) for i in range(1, len(points) - 1)]
-  return parts
-
-
-# --- Anatomy. --------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class _Anatomy:
-  """A heart in template millimetres plus its placement in the world.
-
-  structures: MMWHS code -> shapes. papillary: dark muscle inside the LV cavity (label LV).
-  hull: shapes of the pericardial fat/tissue layer around chambers and great vessels.
-  World position p maps to template q = rotation.T @ (p + u(p) - translation) / scale,
-  with the displacement u(p) = sum_k amp[k] * sin(2 pi freq[k] . (p - translation) + phase[k]).
-  """
-  structures: dict
-  papillary: list
-  hull: list
-  scale: float
-  rotation: np.ndarray      # (3, 3)
-  translation: np.ndarray   # (3,) world mm of the template origin
-  amp: np.ndarray           # (K, 3) mm
-  freq: np.ndarray          # (K, 3) cycles per mm
-  phase: np.ndarray         # (K,)
-
-  def max_displacement(self) -> float:
-    return float(np.linalg.norm(self.amp, axis=1).sum())
-
-  def world_bounds(self, shapes) -> tuple[np.ndarray, np.ndarray]:
-    """A world box that contains the shapes after placement and deformation."""
-    points = np.concatenate([shape.outline() for shape in shapes])
-    world = self.translation + self.scale * points @ self.rotation.T
-    pad = self.max_displacement() + _OUTLINE_SLACK_MM
-    return world.min(axis=0) - pad, world.max(axis=0) + pad
-
-  def all_shapes(self) -> list:
-    return [s for shapes in self.structures.values() for s in shapes] + self.hull
-
-
-def _draw_anatomy(rng: np.random.Generator) -> _Anatomy:
-  """Draws one heart. Template origin: mitral valve centre; lengths in mm before `scale`."""
-  def jit(value, rel=0.06):
-    return value * rng.uniform(1 - rel, 1 + rel)
-
-  def shift(mm=3.0):
-    return rng.uniform(-mm, mm, 3)
-
-  # Long axis from base to apex, left-anterior-inferior; e2 points from the LV axis toward
-  # the RV (right-anterior), e3 completes the frame. A few degrees of per-case tilt.
-  d = _unit(np.array([-0.61, 0.61, -0.50]) + rng.normal(0, 0.06, 3))
-  e2 = _perp([1.0, 0.55, 0.25] + rng.normal(0, 0.06, 3), d)
-  e3 = np.cross(d, e2)
-  frame = np.stack([d, e2, e3])
-  mitral_plane = (-d, 0.0)  # keeps t = d . q >= 0: the ventricular side of the base
-
-  # LV cavity: a prolate ellipsoid whose centre lies c mm below the base plane, cut there.
-  c = jit(18.0)
-  cavity = _Ellipsoid(c * d, frame, np.array([jit(62.0), jit(28.0), jit(26.0)]), mitral_plane)
-  wall = rng.uniform(8.5, 10.5)
-  epicardium = _Ellipsoid(cavity.center, frame,
-                          cavity.radii + np.array([wall * 0.9, wall, wall]), mitral_plane)
-  # The LV outflow tract rises from the cavity to the aortic valve, anterior-right of the
-  # mitral valve and slightly above the base.
-  aortic_valve = -3.0 * d + jit(13.0) * _perp([0.3, 1.0, 0.4], d) + shift(2)
-  r_ao = rng.uniform(12.0, 14.0)
-  lvot = _tube([c * d + 8 * e2, aortic_valve], [r_ao - 1, r_ao - 1])
-  papillary = []
-  for angle in (rng.uniform(2.2, 2.7), rng.uniform(-2.7, -2.2)):
-    center = jit(45.0) * d + 17.0 * (np.cos(angle) * e2 + np.sin(angle) * e3)
-    papillary.append(_Ellipsoid(center, frame, np.array([jit(13.0), jit(5.0), jit(5.0)])))
-
-  # RV: a large ellipsoid beside the LV; the myocardium (painted later) carves the septum so
-  # that the remaining blood pool is a crescent. It ends at the tricuspid plane, a little
-  # apical of the mitral plane; the outflow tract climbs to the pulmonary valve.
-  t_tricuspid = rng.uniform(3.0, 8.0)
-  rv_body = _Ellipsoid(jit(30.0) * d + jit(25.0) * e2 + 4 * e3 + shift(), frame,
-                       np.array([jit(52.0), jit(31.0), jit(48.0)]), (-d, -t_tricuspid))
-  pulmonary_valve = aortic_valve + np.array([-16.0, 12.0, 14.0]) + shift(3)
-  r_pa = rng.uniform(11.0, 13.0)
-  rvot = _tube([22 * d + 32 * e2, pulmonary_valve], [r_pa + 2, r_pa])
-
-  # Great vessels. The ascending aorta climbs anterior-right, then bends posterior-left
-  # toward the arch; the pulmonary trunk runs superior-left-posterior and splits under it.
-  ao = _tube([aortic_valve,
-              aortic_valve + np.array([7.0, 6.0, 24.0]) + shift(4),
-              aortic_valve + np.array([9.0, 0.0, 48.0]) + shift(4),
-              aortic_valve + np.array([2.0, -13.0, 60.0]) + shift(4)],
-             [r_ao, r_ao + 1, r_ao, r_ao - 1])
-  bifurcation = pulmonary_valve + np.array([-10.0, -22.0, 28.0]) + shift(4)
-  r_branch = rng.uniform(6.5, 8.5)
-  pa = (_tube([pulmonary_valve, pulmonary_valve + np.array([-8.0, -8.0, 16.0]) + shift(2),
-               bifurcation], [r_pa, r_pa, r_pa - 1])
-        + _tube([bifurcation, bifurcation + np.array([-24.0, -12.0, 2.0]) + shift(4),
-                 bifurcation + np.array([-62.0, -26.0, -6.0]) + shift(4)],
-                [r_pa - 1, r_branch, r_branch - 1])
-        + _tube([bifurcation, bifurcation + np.array([22.0, -18.0, -2.0]) + shift(4),
-                 bifurcation + np.array([62.0, -32.0, -8.0]) + shift(4)],
-                [r_pa - 1, r_branch, r_branch - 1]))
-
-  # Atria above the base: LA posterior-superior of the LV with four pulmonary veins, RA to
-  # its right (superior-posterior of the RV) with the caval veins. Both end at their valve
-  # planes; where they touch, the interatrial septum is the LA's surface.
-  world_axes = np.eye(3)
-  la_center = np.array([-5.0, -30.0, 14.0]) + shift()
-  la_body = _Ellipsoid(la_center, world_axes, np.array([jit(31.0), jit(22.0), jit(24.0)]),
-                       (d, 0.0))
-  veins = []
-  for side in (-1.0, 1.0):
-    for height, r in ((9.0, jit(6.0)), (-9.0, jit(5.5))):
-      ostium = la_center + np.array([side * 18.0, -8.0, height])
-      end = la_center + np.array([side * 62.0, -32.0, 1.6 * height]) + shift(5)
-      veins += _tube([ostium, end], [r, r])
-  ra_center = np.array([40.0, -6.0, 8.0]) + shift()
-  ra_body = _Ellipsoid(ra_center, world_axes, np.array([jit(22.0), jit(24.0), jit(27.0)]),
-                       (d, t_tricuspid))
-  svc = _tube([ra_center + np.array([-2.0, -6.0, 20.0]),
-               ra_center + np.array([-4.0, -10.0, 58.0]) + shift(4)], [jit(9.5)] * 2)
-  ivc = _tube([ra_center + np.array([0.0, -8.0, -20.0]),
-               ra_center + np.array([0.0, -12.0, -44.0]) + shift(4)], [jit(11.0)] * 2)
-
-  structures = {
-      RA: [ra_body] + svc + ivc,
-      LA: [la_body] + veins,
-      RV: [rv_body] + rvot,
-      MYO: [epicardium],
-      LV: [cavity] + lvot,
-      PA: pa,
-      AO: ao,
-  }
-  # Pericardial fat and tissue: a layer of random thickness around the chambers, and a
-  # mediastinal sleeve around the roots of the great vessels.
-  fat = rng.uniform(3.0, 9.0)
-  hull = [e.grown(fat) for e in (epicardium, rv_body, la_body, ra_body)]
-  hull += [_ball(aortic_valve + np.array([0.0, 0.0, 25.0]), 30.0 + fat)]
-
-  num_waves = 3
-  directions = np.stack([_unit(v) for v in rng.normal(size=(num_waves, 3))])
-  # Wavelengths >= 110 mm and amplitudes <= 3.5 mm keep the map p -> p + u(p) invertible
-  # (sum of 2 pi |amp| / wavelength < 1).
-  freq = directions / rng.uniform(110.0, 200.0, (num_waves, 1))
-  amp = np.stack([_unit(v) for v in rng.normal(size=(num_waves, 3))])
-  amp *= rng.uniform(1.5, 3.5, (num_waves, 1))
-  return _Anatomy(
-      structures=structures, papillary=papillary, hull=hull,
-      scale=rng.uniform(0.9, 1.1), rotation=_random_rotation(rng, 15.0),
-      translation=rng.normal(0.0, 15.0, 3), amp=amp, freq=freq,
-      phase=rng.uniform(0, 2 * np.pi, num_waves))
 
 
 # --- Scan geometry. ----------------------------------------------------------------------------
@@ -378,7 +121,7 @@ def _draw_grid(rng: np.random.Generator, heart_lo: np.ndarray, heart_hi: np.ndar
 
 @dataclasses.dataclass(frozen=True)
 class _Case:
-  anatomy: _Anatomy
+  anatomy: Anatomy
   grid: _Grid
   appearance_seq: np.random.SeedSequence
 
@@ -387,7 +130,7 @@ def _draw_case(seed: int, index: int, spacing_scale: float) -> _Case:
   if seed < 0 or index < 0:
     raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
   anatomy_seq, grid_seq, appearance_seq = np.random.SeedSequence([seed, index]).spawn(3)
-  anatomy = _draw_anatomy(np.random.default_rng(anatomy_seq))
+  anatomy = draw_anatomy(np.random.default_rng(anatomy_seq))
   lo, hi = anatomy.world_bounds(anatomy.all_shapes())
   grid = _draw_grid(np.random.default_rng(grid_seq), lo, hi, spacing_scale)
   return _Case(anatomy, grid, appearance_seq)
@@ -410,23 +153,7 @@ def _index_box(grid: _Grid, lo: np.ndarray, hi: np.ndarray) -> tuple[slice, ...]
                for a, b, n in zip(start, stop, grid.n))
 
 
-def _template_coords(anatomy: _Anatomy, x, y, z) -> list[np.ndarray]:
-  """Template coordinates (3 arrays) of the world points on the grid x (nx,1,1), y, z."""
-  t = anatomy.translation
-  u = [np.zeros(np.broadcast_shapes(x.shape, y.shape, z.shape), np.float32) for _ in range(3)]
-  for amp, freq, phase in zip(anatomy.amp, anatomy.freq, anatomy.phase):
-    f = (2 * np.pi * freq).astype(np.float32)
-    wave = np.sin(f[0] * (x - np.float32(t[0])) + f[1] * (y - np.float32(t[1]))
-                  + (f[2] * (z - np.float32(t[2])) + np.float32(phase)))
-    for k in range(3):
-      u[k] += np.float32(amp[k]) * wave
-  m = (anatomy.rotation.T / anatomy.scale).astype(np.float32)
-  shifted = [x - np.float32(t[0]), y - np.float32(t[1]), z - np.float32(t[2])]
-  return [m[i, 0] * (shifted[0] + u[0]) + m[i, 1] * (shifted[1] + u[1])
-          + m[i, 2] * (shifted[2] + u[2]) for i in range(3)]
-
-
-def _paint(target: np.ndarray, value, shapes, anatomy: _Anatomy, grid: _Grid,
+def _paint(target: np.ndarray, value, shapes, anatomy: Anatomy, grid: _Grid,
            box: tuple[slice, ...], q) -> None:
   """Sets `target` (the heart box) to `value` inside the shapes, each on its own sub-box."""
   for shape in shapes:
@@ -443,7 +170,7 @@ def _smooth_field(rng: np.random.Generator, x, y, z, wavelength: tuple[float, fl
   """A smooth random field in about [-1, 1] on the broadcast grid x, y, z (float32)."""
   field = np.float32(0)
   for _ in range(num_waves):
-    f = (2 * np.pi * _unit(rng.normal(size=3)) / rng.uniform(*wavelength)).astype(np.float32)
+    f = (2 * np.pi * unit_vector(rng.normal(size=3)) / rng.uniform(*wavelength)).astype(np.float32)
     field = field + np.cos(f[0] * x + f[1] * y + (f[2] * z + np.float32(rng.uniform(0, 7))))
   return field / np.float32(num_waves)
 
@@ -464,10 +191,10 @@ def _paint_body(image: np.ndarray, rng: np.random.Generator, grid: _Grid, x, y, 
   image[chest < inner * inner] = rng.uniform(0.25, 0.4)
 
   def ellipsoid(center, radii) -> tuple[tuple[slice, ...], np.ndarray]:
-    shape = _Ellipsoid(np.asarray(center, np.float64), np.eye(3), np.asarray(radii, np.float64))
+    shape = Ellipsoid(np.asarray(center, np.float64), np.eye(3), np.asarray(radii, np.float64))
     outline = shape.outline()
-    box = _index_box(grid, outline.min(axis=0) - _OUTLINE_SLACK_MM,
-                     outline.max(axis=0) + _OUTLINE_SLACK_MM)
+    box = _index_box(grid, outline.min(axis=0) - OUTLINE_SLACK_MM,
+                     outline.max(axis=0) + OUTLINE_SLACK_MM)
     return box, shape.inside([x[box[0]], y[:, box[1]], z[:, :, box[2]]])
 
   # Liver under the right dome of the diaphragm, lungs on both sides (the pericardial layer,
@@ -488,9 +215,9 @@ def _paint_body(image: np.ndarray, rng: np.random.Generator, grid: _Grid, x, y, 
 
 
 def _paint_heart(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
-                 anatomy: _Anatomy, grid: _Grid, box: tuple[slice, ...], x, y, z) -> None:
+                 anatomy: Anatomy, grid: _Grid, box: tuple[slice, ...], x, y, z) -> None:
   """Paints the labels and the heart's intensities into the heart box of image and label."""
-  q = _template_coords(anatomy, x[box[0]], y[:, box[1]], z[:, :, box[2]])
+  q = anatomy.template_coords(x[box[0]], y[:, box[1]], z[:, :, box[2]])
   codes = label[box]
   for code in PAINT_ORDER:
     _paint(codes, code, anatomy.structures[code], anatomy, grid, box, q)

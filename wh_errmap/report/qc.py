@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from wh_errmap.data.nifti_io import STRUCTURES
 from wh_errmap.qc_metrics import (aurc, correlations, e_aurc, expected_calibration_error,
@@ -169,10 +170,12 @@ def qc_markdown(stats: Mapping[str, Any], paper_pcc_qi_dsc: float = 0.856) -> st
 
 
 def risk_coverage_figure(records: Sequence[Mapping[str, Any]], path: Path) -> None:
-  import matplotlib.pyplot as plt
+  """Risk-coverage curves of every quality score on the auto masks, and the optimal one."""
   auto = _auto(records)
   risk = 1.0 - _column(auto, "seg_dsc")
-  fig, ax = plt.subplots(figsize=(6, 4.5))
+  # The object API, as in figures.py: no pyplot, so no figure is left open in its registry.
+  fig = Figure(figsize=(6, 4.5))
+  ax = fig.add_subplot()
   for label, field in SCORES:
     coverage, selective = risk_coverage(_column(auto, field), risk)
     if coverage.size:
@@ -187,8 +190,9 @@ def risk_coverage_figure(records: Sequence[Mapping[str, Any]], path: Path) -> No
 
 
 def reliability_figure(bins: Mapping[str, Mapping[str, np.ndarray]], path: Path) -> None:
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(4.8, 4.5))
+  """Reliability curves (observed error rate against predicted probability) per source."""
+  fig = Figure(figsize=(4.8, 4.5))
+  ax = fig.add_subplot()
   ax.plot([0, 1], [0, 1], color="k", linewidth=0.8, label="perfect calibration")
   for label, source in CALIBRATION_SOURCES:
     if source in bins:
