@@ -1,4 +1,6 @@
-"""The base config every experiment starts from; the paper's settings are the defaults."""
+"""The base config every experiment starts from: the paper's settings where it states them
+(marked "paper"); the others are this project's choices, listed in the README section
+"Differences from the paper"."""
 from __future__ import annotations
 
 import ml_collections
@@ -53,12 +55,12 @@ def get_config() -> ml_collections.ConfigDict:
   #                              float32 on CPU; or "float32" / "bfloat16" explicitly
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.name = "adam"             # "adam" (paper) or "sgd"
-  c.optim.learning_rate = 1e-3      # Adam peak learning rate
+  c.optim.name = "adam"             # "adam" or "sgd" (the paper states no optimizer)
+  c.optim.learning_rate = 1e-3      # peak learning rate (not stated in the paper)
   c.optim.warmup_steps = 100        # linear warm-up from 0
   c.optim.schedule = "cosine"       # "cosine" decay to final_lr_fraction, or "constant"
   c.optim.final_lr_fraction = 0.01  # end of the cosine schedule, relative to the peak
-  c.optim.weight_decay = 0.0        # decoupled weight decay (0 = plain Adam, as the paper)
+  c.optim.weight_decay = 0.0        # decoupled weight decay (0 = plain Adam)
   # With train.*.per_device_batch_size, the learning rate is scaled by this rule from the
   # configured batch_size to the global batch: "sqrt" (Adam), "linear" (SGD) or "none".
   c.optim.lr_scaling = "sqrt"
@@ -68,7 +70,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.dice_weight = 1.0                    # CE + dice_weight * soft Dice per output
 
   c.predictor = ml_collections.ConfigDict()
-  c.predictor.gt_probability = 0.1   # share of training samples that use the GT mask itself
+  # Share of the predictor's training samples that use the GT mask itself. 0 = Eq. 3 of the
+  # paper (the loss averages over the automatic masks only); 0.1 also teaches it what a
+  # correct mask looks like (an option, see README "Differences from the paper").
+  c.predictor.gt_probability = 0.0
   c.predictor.threshold = 0.5        # error probability above which a voxel counts as wrong
 
   c.report = ml_collections.ConfigDict()

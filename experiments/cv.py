@@ -56,6 +56,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 def run_cv(config: ml_collections.ConfigDict, workdir: str, fold_experiment: str) -> None:
   """Runs the folds of config.cv.folds as `fold_experiment` processes, then the report."""
   start = time.monotonic()
+  console(cv_fold.data_line(config))
   if jax.distributed.is_initialized():   # does not start a backend
     raise UserError(f"--experiment=cv runs the folds as processes of one host and cannot "
                     f"join a multi-process run; start `--experiment={fold_experiment} "

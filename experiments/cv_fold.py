@@ -53,10 +53,19 @@ def qi_summary(records: list[dict]) -> str:
           f"over auto masks {np.mean([r['err_dsc'] for r in auto]):.3f}")
 
 
+def data_line(config: ml_collections.ConfigDict) -> str:
+  """The first line of a run: which data it uses."""
+  if config.data_dir:
+    return f"data: MMWHS {config.modality.upper()} cases in {config.data_dir}"
+  return (f"data: the synthetic whole-heart phantom ({config.num_cases} cases, seed "
+          f"{config.seed}), not MMWHS: pass --data_dir=MMWHS_FOLDER for the real data")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if config.stage != "all" and config.stage not in STAGES:
     raise UserError(f"unknown stage {config.stage!r}; choose 'all' or one of {', '.join(STAGES)}")
   stages = STAGES if config.stage == "all" else (config.stage,)
+  console(data_line(config))
   # Every model's batch must fit the devices, and the settings the workdir's: say so
   # before any data or training work. The settings are recorded only once the data is
   # found and valid, so a mistyped --data_dir does not lock them in.

@@ -2,8 +2,8 @@
 
 Differences from the paper's configuration: 3 mm voxels (an 80 x 80 x 60 heart box instead
 of 120 x 120 x 90 at 2 mm), widths 8/16 with one VoxRes module per stage, 64 x 64 x 48
-segmentor crops and 48 x 48 x 40 predictor crops, a few hundred steps, GT masks in 20% of
-the predictor's samples, and NIfTI outputs for the final and GT masks only.
+segmentor crops and 48 x 48 x 40 predictor crops, a few hundred steps, and NIfTI outputs for the final and GT masks
+only.
 """
 from __future__ import annotations
 
@@ -24,6 +24,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.predictor.steps = 600
   c.train.log_every = 25
   c.train.checkpoint_every = 100
-  c.predictor.gt_probability = 0.2
   c.nifti = "final"
   return c

@@ -39,14 +39,25 @@ CAPTIONS = {
 }
 
 
+def data_source(workdir: Path) -> str:
+  """Where the run's cases come from, from its config.json: the MMWHS folder or the
+  synthetic phantom; "unknown data (no readable config.json)" without one."""
+  try:
+    config = json.loads((workdir / "config.json").read_text())
+    return (f"MMWHS {config['modality'].upper()} data in `{config['data_dir']}`"
+            if config["data_dir"] else
+            f"the synthetic whole-heart phantom ({config['num_cases']} cases, seed "
+            f"{config['seed']}), not MMWHS data")
+  except (OSError, ValueError, KeyError, TypeError):
+    return "unknown data (no readable config.json)"
+
+
 def _data_summary(workdir: Path) -> str | None:
   """One line on the run's data and training length, from its config.json."""
   path = workdir / "config.json"
   try:
     config = json.loads(path.read_text())
-    data = (f"MMWHS {config['modality'].upper()} data in `{config['data_dir']}`"
-            if config["data_dir"] else
-            f"the synthetic phantom ({config['num_cases']} cases, seed {config['seed']})")
+    data = data_source(workdir)
     steps = ", ".join(f"{model} {config['train'][model]['steps']}"
                       for model in ("seg3d", "seg2d", "predictor"))
     spacing = " x ".join(f"{s:g}" for s in config["preprocess"]["spacing"])
@@ -83,7 +94,7 @@ def _markdown(workdir: Path, folds: Sequence[Fold], table1_md: str, qi_md: str,
               panels_drawn: bool, panel_notes: Sequence[str], qc_md: str) -> str:
   """report.md: what was run, Table 1, QI statistics and the figures with captions."""
   lines = ["# Error-map prediction and segmentation quality assessment: cross-validation "
-           "report", "",
+           "report", "", f"**Data source: {data_source(workdir)}.**", "",
            f"Run: `{workdir.resolve()}`. Rebuild with `python launch.py "
            f"--experiment=cv_report --workdir={workdir}`.", ""]
   lines += ["## What was run", ""]
@@ -144,7 +155,7 @@ def build_report(workdir: str | Path, num_folds: int = 5, threshold: float = 0.5
   rows = tables.table1(records)
   write_text(out / "table1.csv", tables.table1_csv(rows))
   table1_md = tables.table1_markdown(rows)
-  write_text(out / "table1.md", table1_md)
+  write_text(out / "table1.md", f"Table 1 on {data_source(workdir)}.\n\n{table1_md}")
   stats = tables.qi_statistics({f.index: f.records for f in used})
   write_json(out / "qi_stats.json", stats)
   qi_md = tables.qi_markdown(stats)
