@@ -38,6 +38,17 @@ class Installed:
     return self.run("python", "-c", code)
 
 
+def _can_build_wheels() -> bool:
+  """Whether this environment's setuptools can build a wheel without downloading anything."""
+  try:
+    import setuptools
+  except ImportError:
+    return False
+  version = tuple(int(part) for part in setuptools.__version__.split(".")[:2]
+                  if part.isdigit())
+  return version >= (70, 1) or importlib.util.find_spec("wheel") is not None
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Installed:
   """pip install of a copy of the checkout into a venv that sees this interpreter's
@@ -64,8 +75,9 @@ def installed(tmp_path_factory) -> Installed:
                             "import sysconfig; print(sysconfig.get_path('purelib'))"],
                            check=True, capture_output=True, text=True).stdout.strip()
   Path(purelib, "_outer_environment.pth").write_text("\n".join(paths) + "\n")
-  # Without setuptools here pip fetches it into an isolated build environment.
-  isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+  # A setuptools here that builds wheels by itself (>= 70.1, or with the wheel package) saves
+  # a download; otherwise pip fetches one into an isolated build environment.
+  isolation = ["--no-build-isolation"] if _can_build_wheels() else []
   result = subprocess.run(
       [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--ignore-installed",
        "--disable-pip-version-check", "--no-input", *isolation, str(source)],
