@@ -49,7 +49,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.width2 = 64          # channels of the three downsampling stages (paper)
   c.model.num_voxres = 2       # VoxRes modules per stage (paper)
   c.model.norm = "batch"       # "batch", "group" or "instance"
-  c.model.upsample = "linear"  # side outputs: "linear" (cheap, exact) or "transpose" (learned)
+  # Side outputs: "deconv" = VoxResNet's deconvolution (kernel = stride), computed as a
+  # matmul + pixel shuffle with the classifier folded in (as fast as "linear" on CPU);
+  # "transpose" = the same function through nn.ConvTranspose (slow gradient in XLA);
+  # "linear" = classify at low resolution, then linear interpolation (no learned upsampling).
+  c.model.upsample = "deconv"
   c.model.conv_impl = "auto"   # 3^d convs: "xla", "matmul"; "auto" = matmul for 3D on CPU
   c.model.dtype = "auto"       # compute dtype: "auto" = bfloat16 (mixed precision) on GPU/TPU,
   #                              float32 on CPU; or "float32" / "bfloat16" explicitly

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from . import base
-from wh_errmap.data.dataset import dataset_from_config
+from wh_errmap.data.dataset import dataset_from_config, preprocess_config
 from wh_errmap.errors import UserError
 from wh_errmap.evaluation import evaluate_fold, read_records, score_segmentors
 from wh_errmap.metrics import correlation_stats
@@ -85,6 +85,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 def _run_fold(config: ml_collections.ConfigDict, workdir: str, dataset: Any,
               stages: tuple[str, ...], layouts: dict[str, Any]) -> None:
   train_cases, test_cases = dataset.fold(config.fold)
+  # Test cases are scored as whole scans: no crop around their ground truth.
+  test_cases = dataset.whole_scans(test_cases, preprocess_config(config))
   fold_dir = Path(workdir) / f"fold{config.fold}"
   console(f"fold {config.fold}: {len(train_cases)} training and {len(test_cases)} test cases; "
           f"outputs in {fold_dir}; " + ", ".join(f"{name} {layout.describe()}"
@@ -115,5 +117,5 @@ def _run_fold(config: ml_collections.ConfigDict, workdir: str, dataset: Any,
     else:
       records = evaluate_fold(scoring, (predictor_model(config, space), predictor[1]),
                               test_cases, config.fold, fold_dir, config.predictor.threshold,
-                              config.nifti, mesh=mesh)
+                              config.nifti, mesh=mesh, preprocess=preprocess_config(config))
     console(f"fold {config.fold}: " + qi_summary(records))

@@ -14,6 +14,7 @@ import jax
 
 from tests.conftest import TINY_FOLD, launch
 from tests.train.tiny import tiny_cases, tiny_config, train_tiny, train_tiny_predictor
+from wh_errmap.data.preprocess import PreprocessConfig
 from wh_errmap.evaluation import evaluate_fold
 from wh_errmap.train.sharding import make_mesh
 from wh_errmap.train.state import make_model
@@ -33,10 +34,12 @@ def train_and_evaluate(workdir) -> str:
   predictor = (make_model(config.model, 3, 1), {"params": predictor_state.params,
                                                 "batch_stats": predictor_state.batch_stats})
   cases = [types.SimpleNamespace(case_id=c.case_id, image=c.image, label=c.label,
-                                 properties={"image_path": "-", "label_path": "-"})
+                                 properties={"image_path": "-", "label_path": "-",
+                                             "spacing": [2.0] * 3, "crop_start": [0] * 3})
            for c in tiny_cases(2)]
   evaluate_fold(segmentors, predictor, cases, 0, workdir / "fold0", nifti="none",
-                progress=lambda _: None)
+                progress=lambda _: None,
+                preprocess=PreprocessConfig(crop_size=(16, 16, 12), margin_mm=2.0))
   return (workdir / "fold0" / "records.json").read_text()
 
 

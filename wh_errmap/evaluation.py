@@ -1,5 +1,10 @@
 """Scoring trained models on the test cases of a fold.
 
+Test cases are whole resampled scans: the segmentors see the whole scan, and each mask
+being assessed is cropped around itself by the same rule as `predict` (preprocess.crop_box
+around the mask's foreground, then only the scan's real voxels are scored). Ground truth
+is used only to score, never to place a crop.
+
 Per fold, in the fold's workdir:
     segmentors.json              Dice of every segmentor output on the test cases
     records.csv, records.json    one record per (test case, mask): 10 auto masks + GT
@@ -20,7 +25,8 @@ import numpy as np
 
 from wh_errmap.atomic import write_json, write_text
 from wh_errmap.data import MMWHS_CODES, NUM_CLASSES, STRUCTURES, save_nifti
-from wh_errmap.data.preprocess import PreprocessedCase, restore_to_original
+from wh_errmap.data.preprocess import (PreprocessConfig, PreprocessedCase, crop_box,
+                                       restore_to_original, take)
 from wh_errmap.inference import (place, predict_error_map, segment_volume,
                                  segment_volume_with_uncertainty)
 from wh_errmap.masks import MASK_TYPES
@@ -111,19 +117,24 @@ def all_masks(segmentors: Mapping[str, Model], case: PreprocessedCase,
 
 def score_masks(masks: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray],
                 label: np.ndarray, threshold: float,
-                baseline: Mapping[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
+                baseline: Mapping[str, np.ndarray] | None = None,
+                valid: np.ndarray | None = None) -> dict[str, dict[str, float]]:
   """Error-map and segmentation scores of each mask against the label, QI, soft QI, the
   predicted Dice per structure (qc_metrics.predicted_dice) beside the true one, and the
-  same QC scores of the softmax-uncertainty baseline for the masks in `baseline`."""
+  same QC scores of the softmax-uncertainty baseline for the masks in `baseline`.
+
+  valid: (X, Y, Z) bool, the voxels scored (the scan's real voxels of a crop that reaches
+  past it); None scores every voxel. Masks and label must be 0 outside it."""
   types = list(masks)
   mask = np.stack([masks[t] for t in types]).astype(np.int32)
   labels = np.broadcast_to(label.astype(np.int32), mask.shape)
-  seg = segmentation_scores(mask, labels, NUM_CLASSES)
-  own = _error_map_qc(mask, labels, np.stack([probs[t] for t in types]), threshold)
+  inside = (slice(None), np.ones(label.shape, bool) if valid is None else valid)
+  seg = segmentation_scores(mask[inside], labels[inside], NUM_CLASSES)
+  own = _error_map_qc(mask, labels, np.stack([probs[t] for t in types]), threshold, inside)
   baseline = baseline or {}
   with_base = [i for i, t in enumerate(types) if t in baseline]
   base = (_error_map_qc(mask[with_base], labels[with_base],
-                        np.stack([baseline[types[i]] for i in with_base]), threshold)
+                        np.stack([baseline[types[i]] for i in with_base]), threshold, inside)
           if with_base else {})
   scores = {}
   for i, t in enumerate(types):
@@ -141,18 +152,22 @@ def score_masks(masks: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray]
 
 
 def _error_map_qc(mask: np.ndarray, labels: np.ndarray, prob: np.ndarray,
-                  threshold: float) -> dict[str, np.ndarray]:
-  """Scores of error maps (M, X, Y, Z) of masks (M, X, Y, Z) against their labels: err_*
-  (M,), qi, soft_qi (M,), pd (M, 7) predicted Dice per structure and pd_mean (M,), the mean
-  over the structures with an estimate (NaN if none has one)."""
-  err = error_map_scores(binary_error_map(prob, threshold), mask != labels)
+                  threshold: float, inside: tuple) -> dict[str, np.ndarray]:
+  """Scores of error maps (M, X, Y, Z) of masks (M, X, Y, Z) against their labels, over the
+  voxels `inside` selects: err_* (M,), qi, soft_qi (M,), pd (M, 7) predicted Dice per
+  structure and pd_mean (M,), the mean over the structures with an estimate (NaN if none
+  has one)."""
+  prob = np.where(inside[1], prob, 0.0)   # no predicted error outside the scored voxels
+  err = error_map_scores(binary_error_map(prob[inside], threshold),
+                         mask[inside] != labels[inside])
   pd = np.stack([predicted_dice(m, p, NUM_CLASSES) for m, p in zip(mask, prob)])
   has_estimate = np.isfinite(pd).any(axis=1)
   pd_mean = np.full(len(pd), np.nan)
   pd_mean[has_estimate] = np.nanmean(pd[has_estimate], axis=1)
   return {**{f"err_{k}": np.asarray(err[k]) for k in ("dsc", "acc", "prec", "recl")},
-          "qi": np.asarray(quality_indicator(prob, threshold)),
-          "soft_qi": np.asarray(soft_quality_indicator(prob)), "pd": pd, "pd_mean": pd_mean}
+          "qi": np.asarray(quality_indicator(prob[inside], threshold)),
+          "soft_qi": np.asarray(soft_quality_indicator(prob[inside])), "pd": pd,
+          "pd_mean": pd_mean}
 
 
 class CalibrationCounts:
@@ -174,25 +189,43 @@ class CalibrationCounts:
     return {source: {k: v.tolist() for k, v in bins.items()} for source, bins in self.bins.items()}
 
 
-def write_predictions(directory: Path, case: PreprocessedCase, mask_type: str, mask: np.ndarray,
-                      prob: np.ndarray, threshold: float) -> None:
-  """A mask and its predicted error map as NIfTI on the original image's grid."""
-  affine = np.asarray(case.properties["original_affine"])
+def write_predictions(directory: Path, properties: dict[str, Any], mask_type: str,
+                      mask: np.ndarray, prob: np.ndarray, threshold: float) -> None:
+  """A mask and its predicted error map (on the crop `properties` describes) as NIfTI on
+  the original image's grid."""
+  affine = np.asarray(properties["original_affine"])
   codes = np.asarray((0,) + MMWHS_CODES, np.int16)
-  original_prob = restore_to_original(prob.astype(np.float32), case.properties, order=1)
+  original_prob = restore_to_original(prob.astype(np.float32), properties, order=1)
   save_nifti(directory / f"{mask_type}_mask.nii.gz",
-             codes[restore_to_original(mask, case.properties, order=0)], affine)
+             codes[restore_to_original(mask, properties, order=0)], affine)
   save_nifti(directory / f"{mask_type}_error_prob.nii.gz", original_prob, affine)
   save_nifti(directory / f"{mask_type}_error.nii.gz",
              (original_prob > threshold).astype(np.uint8), affine)
 
 
+def assessed_crop(case: PreprocessedCase, mask: np.ndarray, config: PreprocessConfig,
+                  ) -> tuple[dict[str, Any], np.ndarray]:
+  """Where a mask of a whole-scan case is assessed: the crop box around the mask itself
+  (preprocess.crop_box, as `predict` crops), never around the ground truth.
+
+  Returns (the case's properties with that crop box, (X, Y, Z) bool real-voxel map of the
+  crop: the box may reach past the scan)."""
+  start, stop = crop_box(mask, case.image.shape, case.properties["spacing"], config)
+  offset = np.asarray(case.properties["crop_start"])
+  properties = dict(case.properties, crop_start=(offset + start).tolist(),
+                    crop_stop=(offset + stop).tolist())
+  return properties, take(np.ones(case.image.shape, bool), start, stop, False)
+
+
 def evaluate_fold(segmentors: Mapping[str, Model], predictor: Model,
                   test_cases: Sequence[PreprocessedCase], fold: int, directory: Path,
                   threshold: float = 0.5, nifti: str = "all", progress=console,
-                  mesh: jax.sharding.Mesh | None = None) -> list[dict[str, Any]]:
+                  mesh: jax.sharding.Mesh | None = None,
+                  preprocess: PreprocessConfig = PreprocessConfig()) -> list[dict[str, Any]]:
   """Runs the predictor on the 11 masks of every test case and writes the records.
 
+  test_cases: whole scans (Dataset.whole_scans); each mask is assessed on its own crop
+  (`assessed_crop`, with the box rule of `preprocess`), scored over the scan's voxels.
   nifti: which masks get NIfTI outputs: "all", "final" (3d-final, 2d-final, gt) or "none".
   mesh: whole-volume inference splits each volume over it (inference.inference_mesh).
   """
@@ -204,23 +237,30 @@ def evaluate_fold(segmentors: Mapping[str, Model], predictor: Model,
   segmentors = {name: (m, place(mesh, v)[0]) for name, (m, v) in segmentors.items()}
   records = []
   calibration = CalibrationCounts()
+  written = {"all": MASK_TYPES, "final": FINAL_MASK_TYPES, "none": ()}[nifti]
   for i, case in enumerate(test_cases):
     masks, uncertainty = all_masks(segmentors, case, mesh)
-    image = case.image[..., None]
-    probs = {t: predict_error_map(model, variables, image, m, NUM_CLASSES, mesh)
-             for t, m in masks.items()}
-    scores = score_masks(masks, probs, case.label, threshold, baseline=uncertainty)
-    for t, m in masks.items():
-      error = m != case.label
-      calibration.add("predictor_gt" if t == "gt" else "predictor", probs[t], error)
-      if t in uncertainty:
-        calibration.add("baseline", uncertainty[t], error)
+    scores = {}
+    for t, whole_mask in masks.items():
+      properties, valid = assessed_crop(case, whole_mask, preprocess)
+      start = np.asarray(properties["crop_start"]) - np.asarray(case.properties["crop_start"])
+      stop = start + valid.shape
+      mask, label = take(whole_mask, start, stop, 0), take(case.label, start, stop, 0)
+      image = take(case.image, start, stop, -1.0)[..., None]
+      prob = np.where(valid, predict_error_map(model, variables, image, mask, NUM_CLASSES,
+                                               mesh), 0.0).astype(np.float32)
+      unsure = ({t: take(uncertainty[t], start, stop, 0.0)} if t in uncertainty else None)
+      scores[t] = score_masks({t: mask}, {t: prob}, label, threshold, baseline=unsure,
+                              valid=valid)[t]
+      error = (mask != label)[valid]
+      calibration.add("predictor_gt" if t == "gt" else "predictor", prob[valid], error)
+      if unsure:
+        calibration.add("baseline", unsure[t][valid], error)
+      if t in written:
+        write_predictions(directory / "predictions" / case.case_id, properties, t, mask, prob,
+                          threshold)
     records += [{"case_id": case.case_id, "fold": fold, "mask_type": t, **scores[t]}
                 for t in masks]
-    written = {"all": MASK_TYPES, "final": FINAL_MASK_TYPES, "none": ()}[nifti]
-    for t in written:
-      write_predictions(directory / "predictions" / case.case_id, case, t, masks[t], probs[t],
-                        threshold)
     progress(f"[evaluate] {case.case_id} ({i + 1}/{len(test_cases)}): 3d-final Dice "
              f"{scores['3d-final']['seg_dsc']:.3f}, QI {scores['3d-final']['qi']:.4f} vs "
              f"accuracy {scores['3d-final']['true_acc']:.4f}")

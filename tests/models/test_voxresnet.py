@@ -1,15 +1,21 @@
 """VoxResNet: output names and shapes, parameter counts, padding, dtypes, norms."""
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from wh_errmap.models import OUTPUT_NAMES, SIDE_OUTPUTS, VoxResNet, count_params
-from wh_errmap.models.voxresnet import upsample_linear
+from wh_errmap.models.voxresnet import (
+  Deconv,
+  deconv_to_transpose_kernel,
+  transpose_kernel_to_deconv,
+  upsample_linear,
+)
 
-TINY = dict(width1=4, width2=8)
+TINY = {"width1": 4, "width2": 8}
 
 
 def expected_param_count(spatial_dims, in_channels, num_classes, width1=32, width2=64,
@@ -24,7 +30,7 @@ def expected_param_count(spatial_dims, in_channels, num_classes, width1=32, widt
     count += 2 * cin + conv(cin, width2)  # stage norm, stride-2 conv
     count += num_voxres * 2 * (2 * width2 + conv(width2, width2))  # VoxRes: 2 x (norm, conv)
   count += conv(width1, num_classes, 1) + 3 * conv(width2, num_classes, 1)  # classifiers
-  if upsample == "transpose":
+  if upsample in ("transpose", "deconv"):
     count += sum(conv(width2, width2, 2**level) for level in (1, 2, 3))
   return count
 
@@ -35,6 +41,11 @@ def init(model, shape, in_channels=1):
   x = jax.random.normal(jax.random.key(0, impl="rbg"), (*shape, in_channels))
   return x, jax.jit(model.init, static_argnames="train")(
       jax.random.key(1, impl="rbg"), x, train=False)
+
+
+def squared_sum_grads(layer, params, x):
+  """Gradients of sum(layer(x)^2) with respect to (params, x)."""
+  return jax.grad(lambda p, x: (layer.apply(p, x) ** 2).sum(), argnums=(0, 1))(params, x)
 
 
 def jit_apply(model):
@@ -55,7 +66,7 @@ def test_outputs_are_named_logits_at_input_resolution(shape):
                              rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("upsample", ["linear", "transpose"])
+@pytest.mark.parametrize("upsample", ["linear", "transpose", "deconv"])
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("in_channels,num_classes", [(1, 8), (9, 1)])
 def test_param_count_matches_layer_list(spatial_dims, upsample, in_channels, num_classes):
@@ -158,7 +169,7 @@ def test_unknown_options_raise():
     VoxResNet(spatial_dims=3, **TINY).init(jax.random.key(0), x, train=False)
 
 
-@pytest.mark.parametrize("upsample", ["linear", "transpose"])
+@pytest.mark.parametrize("upsample", ["linear", "transpose", "deconv"])
 def test_every_parameter_gets_a_finite_gradient(upsample):
   model = VoxResNet(spatial_dims=3, num_classes=3, upsample=upsample, **TINY)
   x, variables = init(model, (2, 8, 8, 8))
@@ -193,7 +204,73 @@ def test_matmul_convolution_equals_xla_with_gradients(shape, stride):
   params = layers["xla"].init(jax.random.key(1), x)
   outputs = {impl: layer.apply(params, x) for impl, layer in layers.items()}
   np.testing.assert_allclose(outputs["matmul"], outputs["xla"], rtol=1e-5, atol=1e-5)
-  grads = {impl: jax.grad(lambda p, x: (layer.apply(p, x) ** 2).sum(), argnums=(0, 1))(params, x)
-           for impl, layer in layers.items()}
+  grads = {impl: squared_sum_grads(layer, params, x) for impl, layer in layers.items()}
   for a, b in zip(jax.tree.leaves(grads["matmul"]), jax.tree.leaves(grads["xla"])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+# The side outputs upsample by 2, 4 and 8.
+@pytest.mark.parametrize("factor", [2, 4, 8])
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_deconv_equals_conv_transpose_with_gradients(spatial_dims, factor):
+  # Unequal sizes and channel counts, so that a swapped axis cannot pass.
+  x = jax.random.normal(jax.random.key(0), (2, 3, 4, 2)[:spatial_dims + 1] + (5,))
+  transpose = nn.ConvTranspose(6, (factor,) * spatial_dims, strides=(factor,) * spatial_dims,
+                               padding="VALID")
+  deconv = Deconv(6, factor, spatial_dims)
+  shapes = jax.eval_shape(transpose.init, jax.random.key(1), x)
+  assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(
+      lambda a: a.shape, jax.eval_shape(deconv.init, jax.random.key(1), x))
+  assert count_params(shapes) == factor**spatial_dims * 5 * 6 + 6
+  # Random bias too (the initializer's is zero); a different key per leaf.
+  leaves, treedef = jax.tree.flatten(shapes)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  params = treedef.unflatten([jax.random.normal(k, a.shape) for k, a in zip(keys, leaves)])
+  expected = transpose.apply(params, x)
+  assert expected.shape == (2, *(factor * n for n in x.shape[1:-1]), 6)
+  np.testing.assert_allclose(deconv.apply(params, x), expected, rtol=1e-5, atol=1e-5)
+  grads = [squared_sum_grads(layer, params, x) for layer in (deconv, transpose)]
+  for a, b in zip(*map(jax.tree.leaves, grads), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_deconv_kernel_conversion_round_trips(spatial_dims):
+  kernel = jax.random.normal(jax.random.key(0), (4,) * spatial_dims + (3, 5))
+  matrix = transpose_kernel_to_deconv(kernel)
+  assert matrix.shape == (3, 4**spatial_dims * 5)
+  np.testing.assert_array_equal(deconv_to_transpose_kernel(matrix, 4, spatial_dims), kernel)
+  np.testing.assert_array_equal(
+      transpose_kernel_to_deconv(deconv_to_transpose_kernel(matrix, 4, spatial_dims)), matrix)
+  # Tap (0, ..., 0) of the transpose kernel feeds the last voxel of each output block.
+  np.testing.assert_array_equal(matrix[:, -5:], kernel[(0,) * spatial_dims])
+
+
+@pytest.mark.parametrize("shape", [(2, 12, 10, 9), (2, 13, 11)])
+def test_deconv_model_is_the_transpose_model(shape):
+  """Same parameter tree and initial values, same logits, also on edge-padded inputs."""
+  models = {upsample: VoxResNet(spatial_dims=len(shape) - 1, num_classes=3, upsample=upsample,
+                                **TINY) for upsample in ("transpose", "deconv")}
+  x, variables = init(models["transpose"], shape)
+  _, deconv_variables = init(models["deconv"], shape)
+  for a, b in zip(jax.tree_util.tree_leaves_with_path(variables),
+                  jax.tree_util.tree_leaves_with_path(deconv_variables), strict=True):
+    assert a[0] == b[0]
+    np.testing.assert_array_equal(a[1], b[1])
+  outputs = {upsample: jit_apply(model)(variables, x, train=False)
+             for upsample, model in models.items()}
+  for name in OUTPUT_NAMES:
+    assert outputs["deconv"][name].shape == (*shape, 3)
+    np.testing.assert_allclose(outputs["deconv"][name], outputs["transpose"][name],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_deconv_computes_in_the_given_dtype():
+  x = jax.random.normal(jax.random.key(0), (1, 3, 2, 4))
+  layers = {dtype: Deconv(4, 2, 2, dtype=dtype) for dtype in (jnp.float32, jnp.bfloat16)}
+  params = layers[jnp.float32].init(jax.random.key(1), x)
+  outputs = {dtype: layer.apply(params, x) for dtype, layer in layers.items()}
+  assert outputs[jnp.bfloat16].dtype == jnp.bfloat16
+  assert not np.array_equal(outputs[jnp.bfloat16], outputs[jnp.float32])
+  np.testing.assert_allclose(outputs[jnp.bfloat16].astype(jnp.float32), outputs[jnp.float32],
+                             atol=0.05)

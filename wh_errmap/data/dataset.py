@@ -15,7 +15,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from wh_errmap.cache import default_cache_dir
 from wh_errmap.data.mmwhs import find_cases
@@ -54,6 +54,15 @@ class Dataset:
   def fold(self, k: int) -> tuple[list[PreprocessedCase], list[PreprocessedCase]]:
     train, test = fold_cases(self.folds, k)
     return [self.cases[c] for c in train], [self.cases[c] for c in test]
+
+  def whole_scans(self, cases: Sequence[PreprocessedCase],
+                  config: PreprocessConfig) -> list[PreprocessedCase]:
+    """`cases` as whole resampled scans, uncropped (cached beside the cropped ones). Test
+    cases are scored this way: no crop around their ground truth, which only a scorer
+    has; each mask being assessed is cropped around itself (evaluation, predict)."""
+    return [preprocess_cached(case.properties["image_path"], case.properties["label_path"],
+                              self.cache_dir / "preprocessed", config, case.case_id,
+                              whole=True)[0] for case in cases]
 
 
 def dataset_cache_dir(cache_dir: str | os.PathLike, data_dir: str | os.PathLike) -> Path:

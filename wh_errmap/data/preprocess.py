@@ -87,8 +87,9 @@ def _resample(volume: np.ndarray, scale, offset, out_shape, *, label: bool,
   return np.asarray([0, *classes], volume.dtype)[winner]
 
 
-def _crop_box(label: np.ndarray | None, shape, spacing, config: PreprocessConfig):
-  """(start, stop) voxel indices of the crop; they may reach past the volume."""
+def crop_box(label: np.ndarray | None, shape, spacing, config: PreprocessConfig):
+  """(start, stop) voxel indices of the crop around `label`'s foreground (the volume's
+  centre without any); they may reach past the volume."""
   size = np.asarray(config.crop_size)
   if label is None or not label.any():
     start = (np.asarray(shape) - size) // 2
@@ -102,7 +103,7 @@ def _crop_box(label: np.ndarray | None, shape, spacing, config: PreprocessConfig
   return start, start + size
 
 
-def _take(volume: np.ndarray, start, stop, fill) -> np.ndarray:
+def take(volume: np.ndarray, start, stop, fill) -> np.ndarray:
   """volume[start:stop] where the box may reach past the volume (padded with `fill`)."""
   out = np.full(tuple(stop - start), fill, volume.dtype)
   src_lo = np.maximum(start, 0)
@@ -114,11 +115,14 @@ def _take(volume: np.ndarray, start, stop, fill) -> np.ndarray:
 
 
 def preprocess_case(case: Case, config: PreprocessConfig = PreprocessConfig(),
-                    crop_label: np.ndarray | None = None) -> PreprocessedCase:
+                    crop_label: np.ndarray | None = None,
+                    whole: bool = False) -> PreprocessedCase:
   """Resamples, normalises and crops a RAS+ case.
 
   crop_label: (X, Y, Z) on the case's grid that defines the crop box when the case has no
   label (at predict time: the mask being assessed). Defaults to the case's label.
+  whole: no crop, the whole resampled scan (test cases: the crop is made later around
+  each mask being assessed, never around the ground truth).
   """
   out_shape, scale, offset = _resample_geometry(case.image.shape, case.spacing, config.spacing)
   image = _resample(case.image, scale, offset, out_shape, label=False)
@@ -132,10 +136,11 @@ def preprocess_case(case: Case, config: PreprocessConfig = PreprocessConfig(),
     label = _resample(case.label, scale, offset, out_shape, label=True)
   box_source = label if crop_label is None else _resample(crop_label, scale, offset, out_shape,
                                                           label=True)
-  start, stop = _crop_box(box_source, out_shape, config.spacing, config)
-  image = _take(image, start, stop, fill=-1.0)
+  start, stop = (crop_box(box_source, out_shape, config.spacing, config) if not whole
+                 else (np.zeros(3, int), np.asarray(out_shape)))
+  image = take(image, start, stop, fill=-1.0)
   if label is not None:
-    label = _take(label, start, stop, fill=0)
+    label = take(label, start, stop, fill=0)
 
   # voxel -> world of the cropped volume: RAS+ affine, scaled grid, shifted by the crop.
   to_input = np.eye(4)
@@ -163,7 +168,7 @@ def valid_region(properties: dict[str, Any]) -> np.ndarray:
   where the crop box reaches past the resampled volume."""
   start = np.asarray(properties["crop_start"])
   stop = np.asarray(properties["crop_stop"])
-  return _take(np.ones(properties["resampled_shape"], bool), start, stop, fill=False)
+  return take(np.ones(properties["resampled_shape"], bool), start, stop, fill=False)
 
 
 def restore_to_original(volume: np.ndarray, properties: dict[str, Any],
@@ -226,19 +231,22 @@ def load_preprocessed(path: Path) -> PreprocessedCase:
 def preprocess_cached(image_path: str | os.PathLike, label_path: str | os.PathLike | None,
                       cache_dir: str | os.PathLike,
                       config: PreprocessConfig = PreprocessConfig(),
-                      case_id: str | None = None) -> tuple[PreprocessedCase, bool]:
+                      case_id: str | None = None,
+                      whole: bool = False) -> tuple[PreprocessedCase, bool]:
   """Loads, validates and preprocesses a case, or reads it from the cache.
 
+  whole: the whole resampled scan, uncropped (see preprocess_case), cached apart.
   Returns (case, hit) where hit says whether the cache was used.
   """
   key = cache_key([image_path, label_path], config)
   case_id = case_id or case_id_from_path(image_path)
-  path = Path(cache_dir) / f"{case_id}-{key}.npz"
+  path = Path(cache_dir) / f"{case_id}-{key}{'-whole' if whole else ''}.npz"
   if path.exists():
     try:
       return load_preprocessed(path), True
     except (OSError, ValueError, KeyError, EOFError):
       path.unlink()  # unreadable cache entry: rebuild it rather than fail
-  case = preprocess_case(load_case(image_path, label_path, case_id=case_id), config)
+  case = preprocess_case(load_case(image_path, label_path, case_id=case_id), config,
+                         whole=whole)
   save_preprocessed(path, case)
   return case, False

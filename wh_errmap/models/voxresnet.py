@@ -18,7 +18,8 @@ interpolates on that same grid, so side outputs are not shifted against the inpu
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -73,6 +74,64 @@ def upsample_linear(x: jax.Array, factor: int) -> jax.Array:
     x = jnp.tensordot(weights, x, axes=((1,), (axis,)), precision=jax.lax.Precision.HIGHEST)
     x = jnp.moveaxis(x, 0, axis)
   return x
+
+
+def transpose_kernel_to_deconv(kernel: jax.Array) -> jax.Array:
+  """An nn.ConvTranspose kernel with kernel = stride = f as the matrix of `deconv_upsample`.
+
+  Args:
+    kernel: (f,)*d + (C_in, C_out), flax's layout with transpose_kernel=False (its default).
+  Returns:
+    (C_in, f^d * C_out) array of kernel's dtype; column ((a_1 * f + a_2) * f + a_3) * C_out
+    + o (3D; 2D drops a_3) maps input channels to output channel o at offset a within each
+    f^d output block.
+
+  lax.conv_transpose with transpose_kernel=False correlates the zero-dilated input, padded
+  f - 1 on each side, with the unflipped kernel: output voxel f * i + a receives input voxel
+  i through tap f - 1 - a, so the taps are flipped here.
+  """
+  d = kernel.ndim - 2
+  flipped = kernel[(slice(None, None, -1),) * d]
+  return jnp.moveaxis(flipped, -2, 0).reshape(kernel.shape[-2], -1)
+
+
+def deconv_to_transpose_kernel(matrix: jax.Array, factor: int, spatial_dims: int) -> jax.Array:
+  """Inverse of `transpose_kernel_to_deconv`: (C_in, f^d * C_out) -> (f,)*d + (C_in, C_out)."""
+  channels = matrix.shape[0]
+  blocks = matrix.reshape(channels, *(factor,) * spatial_dims, -1)
+  return jnp.moveaxis(blocks, 0, -2)[(slice(None, None, -1),) * spatial_dims]
+
+
+def depth_to_space(x: jax.Array, factor: int) -> jax.Array:
+  """Pixel shuffle in 2D and 3D: (N, *S, f^d * C) -> (N, *(f * S), C).
+
+  Channel ((a_1 * f + a_2) * f + a_3) * C + c of voxel i goes to channel c of voxel
+  f * i + a (the column order of `transpose_kernel_to_deconv`).
+  """
+  d = x.ndim - 2
+  size = x.shape[1:-1]
+  blocks = x.reshape(x.shape[0], *size, *(factor,) * d, -1)
+  # (N, S_1..S_d, a_1..a_d, C) -> (N, S_1, a_1, ..., S_d, a_d, C)
+  order = [0, *(axis for k in range(1, d + 1) for axis in (k, k + d)), 2 * d + 1]
+  return blocks.transpose(order).reshape(x.shape[0], *(factor * n for n in size), -1)
+
+
+def deconv_upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """nn.ConvTranspose(C_out, (f,)*d, strides=(f,)*d, padding="VALID") as matmul + pixel shuffle.
+
+  Args:
+    x: (N, *S, C_in) with 2 or 3 spatial axes.
+    kernel: (f,)*d + (C_in, C_out), the layout of nn.ConvTranspose.
+    bias: (C_out,).
+  Returns:
+    (N, *(f * S), C_out), equal to the transposed convolution.
+
+  Why: with kernel = stride the output blocks do not overlap, so the transposed convolution
+  is a 1^d convolution to f^d * C_out channels followed by a reshape. XLA's gradient of
+  lax.conv_transpose is slow (jax-ml/jax#31662); a matmul and a transpose are not.
+  """
+  y = x @ transpose_kernel_to_deconv(kernel)
+  return depth_to_space(y, kernel.shape[0]) + bias
 
 
 def _norm_layer(channels: int, name: str, *, kind: str, train: bool, momentum: float,
@@ -166,6 +225,41 @@ class Conv3(nn.Module):
     return y + bias
 
 
+class Deconv(nn.Module):
+  """Upsampling by `factor` with the parameters and function of
+  nn.ConvTranspose(features, (factor,)*d, strides=(factor,)*d, padding="VALID"), computed
+  by `deconv_upsample`: a checkpoint of either restores into the other unchanged."""
+  features: int
+  factor: int
+  spatial_dims: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = (self.factor,) * self.spatial_dims + (x.shape[-1], self.features)
+    # nn.ConvTranspose's initializers, so that both forms start from the same weights.
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return deconv_upsample(x, kernel, bias)
+
+
+class _Params(nn.Module):
+  """A convolution's kernel and bias, with nn.Conv's initializers, for layers whose
+  parameters are used in a fused computation (`VoxResNet._deconv_logits`)."""
+  kernel_shape: tuple[int, ...]
+  features: int
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self) -> tuple[jax.Array, jax.Array]:
+    return (self.param("kernel", nn.initializers.lecun_normal(), self.kernel_shape,
+                       self.param_dtype),
+            self.param("bias", nn.initializers.zeros_init(), (self.features,),
+                       self.param_dtype))
+
+
 class VoxRes(nn.Module):
   """Pre-activation residual module: x + conv(relu(norm(conv(relu(norm(x)))))), width kept."""
   norm: NormFactory
@@ -200,7 +294,9 @@ class VoxResNet(nn.Module):
       and instance norm.
     upsample: "linear": classify at low resolution, then linearly upsample the logits;
       "transpose": learnable transposed conv (kernel = stride = factor) on the features,
-      then classify at full resolution, as in the original VoxResNet.
+      then classify at full resolution, as in the original VoxResNet; "deconv": the same
+      function and parameters as "transpose", computed as a matmul and a pixel shuffle
+      (Deconv), which trains faster.
     conv_impl: 3^d convolutions: "auto", "xla" or "matmul" (see Conv3).
     dtype: compute dtype (e.g. jnp.bfloat16); outputs are float32 regardless.
     param_dtype: dtype of the parameters and batch statistics.
@@ -238,8 +334,9 @@ class VoxResNet(nn.Module):
       raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
     if x.ndim != self.spatial_dims + 2:
       raise ValueError(f"expected (N, *{self.spatial_dims} spatial, C) input, got {x.shape}")
-    if self.upsample not in ("linear", "transpose"):
-      raise ValueError(f"upsample must be 'linear' or 'transpose', got {self.upsample!r}")
+    if self.upsample not in ("linear", "transpose", "deconv"):
+      raise ValueError(
+          f"upsample must be 'linear', 'transpose' or 'deconv', got {self.upsample!r}")
 
     spatial = x.shape[1:-1]
     pad = [(0, -size % SIZE_MULTIPLE) for size in spatial]
@@ -267,8 +364,27 @@ class VoxResNet(nn.Module):
              for level, (name, feature) in enumerate(zip(SIDE_OUTPUTS, features))}
     return {"final": sum(sides.values()), **sides}
 
+  def _deconv_logits(self, feature: jax.Array, factor: int, name: str) -> jax.Array:
+    """The "transpose" side output (deconvolution, then the 1^d classifier) with the same
+    parameters, computed fast: both maps are linear, so the classifier is folded into the
+    deconvolution's matrix and only num_classes channels per output voxel are shuffled
+    (`deconv_upsample`'s matmul + pixel shuffle, at the cost of the linear form)."""
+    d, width, classes = self.spatial_dims, feature.shape[-1], self.num_classes
+    kernel, bias = _Params((factor,) * d + (width, width), width, self.param_dtype,
+                           name=f"{name}_upsample")()
+    kernel_c, bias_c = _Params((1,) * d + (width, classes), classes, self.param_dtype,
+                               name=f"{name}_classifier")()
+    blocks = transpose_kernel_to_deconv(kernel.astype(jnp.float32)).reshape(width, -1, width)
+    weights = kernel_c.reshape(width, classes).astype(jnp.float32)
+    folded = jnp.einsum("iac,ck->iak", blocks, weights).reshape(width, -1)
+    offset = bias.astype(jnp.float32) @ weights + bias_c.astype(jnp.float32)
+    x, folded = nn.dtypes.promote_dtype(feature, folded, dtype=self.dtype)
+    return (depth_to_space(x @ folded, factor).astype(jnp.float32) + offset)
+
   def _side_logits(self, feature: jax.Array, factor: int, name: str) -> jax.Array:
     """(N, *padded_spatial, num_classes) float32 logits of one side output."""
+    if self.upsample == "deconv" and factor > 1:
+      return self._deconv_logits(feature, factor, name)
     classifier = nn.Conv(self.num_classes, (1,) * self.spatial_dims, dtype=self.dtype,
                          param_dtype=self.param_dtype, name=f"{name}_classifier")
     if factor == 1:
@@ -280,8 +396,9 @@ class VoxResNet(nn.Module):
       # at a fraction of the memory and FLOPs. Upsampling in float32 keeps bf16 rounding
       # out of the interpolation.
       return upsample_linear(classifier(feature).astype(jnp.float32), factor)
-    upsampled = nn.ConvTranspose(feature.shape[-1], (factor,) * self.spatial_dims,
-                                 strides=(factor,) * self.spatial_dims, padding="VALID",
-                                 dtype=self.dtype, param_dtype=self.param_dtype,
-                                 name=f"{name}_upsample")(feature)
+    upsample = nn.ConvTranspose(feature.shape[-1], (factor,) * self.spatial_dims,
+                                strides=(factor,) * self.spatial_dims, padding="VALID",
+                                dtype=self.dtype, param_dtype=self.param_dtype,
+                                name=f"{name}_upsample")
+    upsampled = upsample(feature)
     return classifier(upsampled).astype(jnp.float32)
