@@ -2,8 +2,8 @@
 
 Differences from the paper's configuration: 3 mm voxels (an 80 x 80 x 60 heart box instead
 of 120 x 120 x 90 at 2 mm), widths 8/16 with one VoxRes module per stage, 64 x 64 x 48
-segmentor crops and 48 x 48 x 40 predictor crops, a few hundred steps, and NIfTI outputs for the final and GT masks
-only.
+segmentor crops and 48 x 48 x 40 predictor crops, a few hundred steps, linear side-output
+upsampling, and NIfTI outputs for the final and GT masks only.
 """
 from __future__ import annotations
 
@@ -25,4 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.log_every = 25
   c.train.checkpoint_every = 100
   c.nifti = "final"
+  # At a few hundred steps the learned deconvolution trains to lower Dice than linear
+  # upsampling (fold 0, 500/400 steps: 3D final 0.737 vs 0.802, 2D final 0.218 vs 0.350),
+  # so the CPU preset keeps "linear"; cv_fold (20000 steps) uses "deconv".
+  c.model.upsample = "linear"
   return c
