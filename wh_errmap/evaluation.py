@@ -45,6 +45,9 @@ RECORD_FIELDS = (
     "base_err_dsc", "base_err_prec", "base_err_recl", "base_qi", "base_soft_qi", "base_pd_mean")
 CALIBRATION_FILE = "calibration.json"
 NUM_CALIBRATION_BINS = 10
+# Each mask's crop is padded to a multiple of this for the predictor (one compiled program
+# per bucket of crop sizes; see inference.predict_error_map).
+SHAPE_BUCKET = 16
 # With nifti="final", only these masks' volumes are written.
 FINAL_MASK_TYPES = ("3d-final", "2d-final", "gt")
 
@@ -248,7 +251,7 @@ def evaluate_fold(segmentors: Mapping[str, Model], predictor: Model,
       mask, label = take(whole_mask, start, stop, 0), take(case.label, start, stop, 0)
       image = take(case.image, start, stop, -1.0)[..., None]
       prob = np.where(valid, predict_error_map(model, variables, image, mask, NUM_CLASSES,
-                                               mesh), 0.0).astype(np.float32)
+                                               mesh, SHAPE_BUCKET), 0.0).astype(np.float32)
       unsure = ({t: take(uncertainty[t], start, stop, 0.0)} if t in uncertainty else None)
       scores[t] = score_masks({t: mask}, {t: prob}, label, threshold, baseline=unsure,
                               valid=valid)[t]

@@ -113,8 +113,18 @@ def error_probability(model: VoxResNet, variables: Any, image: jax.Array, mask: 
 
 
 def predict_error_map(model: VoxResNet, variables: Any, image: np.ndarray, mask: np.ndarray,
-                      num_classes: int, mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
-  """`error_probability` of NumPy inputs, split over `mesh` when given; (X, Y, Z) float32."""
-  return np.asarray(error_probability(model, *place(mesh, variables, jnp.asarray(image),
-                                                    jnp.asarray(mask, jnp.int32)),
-                                      num_classes))
+                      num_classes: int, mesh: jax.sharding.Mesh | None = None,
+                      shape_bucket: int = 1) -> np.ndarray:
+  """`error_probability` of NumPy inputs, split over `mesh` when given; (X, Y, Z) float32.
+
+  image: (X, Y, Z, 1); mask: (X, Y, Z). shape_bucket: pad both (edge values, as the model
+  pads to a multiple of 8) to a multiple of this per axis and crop the map back, so crops
+  of many sizes compile one program per bucket instead of one per size.
+  """
+  shape = np.asarray(mask.shape)
+  pad = [(0, int(p)) for p in -shape % max(1, shape_bucket)]
+  image = np.pad(image, pad + [(0, 0)], mode="edge")
+  mask = np.pad(np.asarray(mask, np.int32), pad, mode="edge")
+  prob = error_probability(model, *place(mesh, variables, jnp.asarray(image), jnp.asarray(mask)),
+                           num_classes)
+  return np.asarray(prob)[tuple(slice(0, int(n)) for n in shape)]

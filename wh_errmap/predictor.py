@@ -28,7 +28,7 @@ from wh_errmap.atomic import write_json
 from wh_errmap.data import NUM_CLASSES, STRUCTURES, PreprocessedCase
 from wh_errmap.data.preprocess import valid_region
 from wh_errmap.errors import UserError
-from wh_errmap.inference import error_probability
+from wh_errmap.inference import predict_error_map
 from wh_errmap.model_file import load_model, save_model
 from wh_errmap.models.voxresnet import VoxResNet
 from wh_errmap.progress import console
@@ -61,12 +61,8 @@ class Predictor:
   def error_map(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """(X, Y, Z) float32 error probability of a preprocessed (X, Y, Z) float32 image and
     its (X, Y, Z) integer mask (classes 0..7), computed on the padded bucket shape."""
-    shape = np.asarray(image.shape)
-    pad = [(0, int(p)) for p in -shape % max(1, self.shape_bucket)]
-    prob = error_probability(self.model, self.variables,
-                             np.pad(image, pad, mode="edge")[..., None],
-                             np.pad(mask.astype(np.int32), pad, mode="edge"), NUM_CLASSES)
-    return np.asarray(prob)[tuple(slice(0, int(n)) for n in shape)]
+    return predict_error_map(self.model, self.variables, image[..., None], mask, NUM_CLASSES,
+                             shape_bucket=self.shape_bucket)
 
   @property
   def finished(self) -> bool:
