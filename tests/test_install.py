@@ -3,6 +3,7 @@ wh_errmap.experiments, never a top-level `experiments`) and the `wh-errmap` comm
 from a folder outside the checkout."""
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -40,12 +41,13 @@ class Installed:
 
 def _can_build_wheels() -> bool:
   """Whether this environment's setuptools can build a wheel without downloading anything."""
+  # Read from its metadata: importing setuptools here can clash with a distutils that an
+  # earlier test imported (setuptools' distutils hack asserts).
   try:
-    import setuptools
-  except ImportError:
+    text = importlib.metadata.version("setuptools")
+  except importlib.metadata.PackageNotFoundError:
     return False
-  version = tuple(int(part) for part in setuptools.__version__.split(".")[:2]
-                  if part.isdigit())
+  version = tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
   return version >= (70, 1) or importlib.util.find_spec("wheel") is not None
 
 
