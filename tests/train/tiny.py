@@ -17,6 +17,9 @@ from wh_errmap.train.steps import make_predictor_step, make_segmentor_step
 def tiny_config() -> ml_collections.ConfigDict:
   c = base.get_config()
   c.model.width1, c.model.width2, c.model.num_voxres = 4, 8, 1
+  # Fixtures are sized on this model (the full-disk test's 1 MB file system holds two of its
+  # checkpoints); the upsampling forms themselves are tested in tests/models.
+  c.model.upsample = "linear"
   c.optim.warmup_steps = 2
   c.optim.learning_rate = 1e-2
   return c
