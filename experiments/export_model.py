@@ -11,14 +11,17 @@ statistics of the out-of-distribution checks), the fold and a checksum. `predict
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import ml_collections
 
 from . import base
+from wh_errmap.data.dataset import dataset_from_config
 from wh_errmap.errors import UserError
 from wh_errmap.predictor import export_predictor, load_predictor, training_reference
 from wh_errmap.progress import console
+from wh_errmap.report.build import data_source
 from wh_errmap.workdir import load_run_config
 
 
@@ -35,14 +38,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     raise UserError(f"{output} exists: use --overwrite to replace it, or another "
                     f"--set=output=FILE")
   predictor = load_predictor(workdir, config.fold, config.allow_partial)
-  run_config = load_run_config(workdir)
-  source = run_config.get("data_dir") or "synthetic phantom"
-  training = {"data_source": ("synthetic whole-heart phantom (seed "
-                              f"{run_config.get('seed')}, {run_config.get('num_cases')} cases)"
-                              if not run_config.get("data_dir") else str(source)),
-              "fold": config.fold}
+  training = {"data_source": data_source(Path(workdir)), "fold": config.fold}
   if predictor.reference is None:
-    predictor = _with_reference(predictor, run_config, training)
+    predictor = _with_reference(predictor, load_run_config(workdir), training)
   else:
     training["training_cases"] = predictor.reference.get("case_ids")
   path = export_predictor(predictor, output, training)
@@ -53,8 +51,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def _with_reference(predictor, run_config, training: dict):
   """The predictor with the training reference computed from the run's data, if found."""
-  import dataclasses
-  from wh_errmap.data.dataset import dataset_from_config
   try:
     train_cases, _ = dataset_from_config(run_config).fold(predictor.fold)
   except UserError as e:

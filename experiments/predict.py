@@ -19,6 +19,7 @@ is reported and skipped.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import ml_collections
@@ -26,8 +27,9 @@ import ml_collections
 from . import base
 from wh_errmap import qc
 from wh_errmap.errors import UserError
-from wh_errmap.predict import (assess, assess_many, load_predictor, load_predictor_file,
-                               pair_folder, write_folder_report, write_summary)
+from wh_errmap.predict import (assess, assess_many, pair_folder, write_folder_report,
+                               write_summary)
+from wh_errmap.predictor import load_predictor, load_predictor_file
 from wh_errmap.progress import console
 from wh_errmap.workdir import check_writable
 
@@ -70,7 +72,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   else:
     predictor = load_predictor(workdir, config.fold, config.allow_partial)
     default_out = Path(workdir) / "predict"
-  predictor = _bucketed(predictor, config.qc.shape_bucket)
+  predictor = dataclasses.replace(predictor, shape_bucket=int(config.qc.shape_bucket))
   output_dir = check_writable(config.output_dir or default_out)
   partial = ("" if predictor.finished else
              f" (PARTLY TRAINED predictor: step {predictor.step} of {predictor.total_steps})")
@@ -106,8 +108,3 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                                             else "") + f"; summary {summary}{partial}")
   if problems:
     raise UserError(f"{len(problems)} input(s) skipped: " + "; ".join(problems))
-
-
-def _bucketed(predictor, bucket: int):
-  import dataclasses
-  return dataclasses.replace(predictor, shape_bucket=int(bucket))

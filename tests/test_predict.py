@@ -17,7 +17,8 @@ import pytest
 from scipy import ndimage
 
 from experiments import predict
-from tests.train.tiny import tiny_config, tiny_segmentors, train_tiny_predictor
+from tests.train.tiny import (tiny_config, tiny_predictor_run, tiny_segmentors,
+                              train_tiny_predictor)
 from wh_errmap import predict as predict_lib
 from wh_errmap.data.phantom import make_phantom_case
 from wh_errmap.errors import UserError
@@ -32,11 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_dir(tmp_path_factory):
   """A run with a (barely) trained tiny predictor for fold 0 and its config.json."""
   run = tmp_path_factory.mktemp("run")
-  config = tiny_config()
-  config.train.predictor.steps = 1
-  record_config(run, config)
-  train_tiny_predictor(run / "fold0", make_mesh(jax.devices()[:1]), num_steps=1,
-                       segmentors=tiny_segmentors(), batch_size=2)
+  tiny_predictor_run(run)
   return run
 
 

@@ -10,13 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import nibabel as nib
 import numpy as np
 import pytest
 
 from experiments import export_model, predict
-from tests.train.tiny import tiny_config, tiny_segmentors, train_tiny_predictor
+from tests.train.tiny import tiny_predictor_run
 from wh_errmap import qc
 from wh_errmap.data import STRUCTURES
 from wh_errmap.data.dataset import preprocess_config
@@ -27,8 +26,6 @@ from wh_errmap.errors import UserError
 from wh_errmap.inference import error_probability
 from wh_errmap.labels import TOTALSEGMENTATOR_NAMES
 from wh_errmap.predictor import load_predictor, load_predictor_file, write_reference
-from wh_errmap.train.sharding import make_mesh
-from wh_errmap.workdir import record_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MMWHS = dict(zip(STRUCTURES, (205, 420, 500, 550, 600, 820, 850)))
@@ -44,11 +41,7 @@ def run_dir(tmp_path_factory):
   """A run with a (barely) trained tiny predictor for fold 0 and a training reference from
   two phantom cases."""
   run = tmp_path_factory.mktemp("run")
-  config = tiny_config()
-  config.train.predictor.steps = 1
-  record_config(run, config)
-  train_tiny_predictor(run / "fold0", make_mesh(jax.devices()[:1]), num_steps=1,
-                       segmentors=tiny_segmentors(), batch_size=2)
+  config = tiny_predictor_run(run)
   folder = tmp_path_factory.mktemp("reference")
   cases = []
   for index in (2, 3):

@@ -35,7 +35,7 @@ from wh_errmap.data import STRUCTURES, InvalidCaseError
 from wh_errmap.data.nifti_io import case_id_from_path
 from wh_errmap.errors import UserError
 from wh_errmap.labels import LabelConvention, is_structure_folder
-from wh_errmap.predictor import Predictor, load_predictor, load_predictor_file  # noqa: F401
+from wh_errmap.predictor import Predictor
 from wh_errmap.progress import console
 
 Progress = Callable[[str], None]
@@ -172,28 +172,27 @@ def assess_many(pairs: list[tuple[Path, Path]], predictor: Predictor, output_dir
   Returns (results, names of the pairs whose result was reused, problems).
   """
   results, reused, problems = [], [], []
-  start, computed = time.monotonic(), 0
+  start = time.monotonic()
   for i, (image, mask) in enumerate(pairs):
     try:
       result, was_done = assess(image, mask, predictor, output_dir, settings, labels,
                                 overwrite, figures, progress)
     except Exception as e:  # noqa: BLE001  (one bad pair must not stop the batch)
       problems.append(_describe(e, image, mask))
-      progress(f"{_bar(i + 1, len(pairs), start, computed)} skipped: {problems[-1]}")
+      progress(f"{_bar(i + 1, len(pairs), start)} skipped: {problems[-1]}")
       continue
-    computed += 0 if was_done else 1
     results.append(result)
     if was_done:
       reused.append(result["pair"])
     dice = result.get("mean_predicted_dice")
     state = "already assessed, kept" if was_done else "assessed"
-    progress(f"{_bar(i + 1, len(pairs), start, computed)} {result['pair']}: "
+    progress(f"{_bar(i + 1, len(pairs), start)} {result['pair']}: "
              f"{result['verdict']}, predicted Dice "
              f"{'-' if dice is None else f'{dice:.3f}'}, QI {result['qi']:.4f} ({state})")
   return results, reused, problems
 
 
-def _bar(done: int, total: int, start: float, computed: int) -> str:
+def _bar(done: int, total: int, start: float) -> str:
   """`[#####.....] 5/10 ETA 0:01:10`: the time left from the pace so far."""
   width = 20
   filled = round(width * done / max(1, total))

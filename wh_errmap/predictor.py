@@ -29,6 +29,7 @@ from wh_errmap.data import NUM_CLASSES, STRUCTURES, PreprocessedCase
 from wh_errmap.data.preprocess import valid_region
 from wh_errmap.errors import UserError
 from wh_errmap.inference import predict_error_map
+from wh_errmap.labels import MMWHS
 from wh_errmap.model_file import load_model, save_model
 from wh_errmap.models.voxresnet import VoxResNet
 from wh_errmap.progress import console
@@ -41,7 +42,6 @@ from wh_errmap.workdir import load_run_config
 Progress = Callable[[str], None]
 REFERENCE_FILE = "training_reference.json"   # in WORKDIR/fold{k}/predictor/
 INTENSITY_BINS = 16                          # histogram of preprocessed intensities, [-1, 1]
-MMWHS_LABELS = {"name": "mmwhs", "structures": list(STRUCTURES)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +134,7 @@ def export_predictor(predictor: Predictor, path: str | Path, training: dict[str,
   variables = jax.tree.map(np.asarray, jax.device_get(predictor.variables))
   provenance = {**predictor.provenance, "wh_errmap_version": __version__,
                 "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-  return save_model(path, variables, predictor.config.to_dict(), MMWHS_LABELS,
+  return save_model(path, variables, predictor.config.to_dict(), MMWHS.to_json(),
                     {**training, "reference": predictor.reference}, predictor.fold,
                     provenance)
 

@@ -34,13 +34,14 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from wh_errmap.data import NUM_CLASSES, STRUCTURES, InvalidCaseError
+from wh_errmap.data import NUM_CLASSES, STRUCTURES, save_nifti
 from wh_errmap.data.dataset import preprocess_config
 from wh_errmap.data.nifti_io import _read, case_id_from_path, make_case, read_image_object
 from wh_errmap.data.preprocess import preprocess_case, restore_to_original, valid_region
 from wh_errmap.labels import (EncodedMask, LabelConvention, detect, dropped_warning,
                               is_structure_folder, parse_labels, read_structure_folder)
-from wh_errmap.predictor import Predictor, histogram_distance, intensity_histogram
+from wh_errmap.predictor import (Predictor, histogram_distance, intensity_histogram,
+                                 load_predictor_file)
 from wh_errmap.progress import console
 from wh_errmap.qc_metrics import predicted_dice_terms
 
@@ -101,7 +102,6 @@ class Assessment:
   def write(self, output_dir: str | os.PathLike, name: str) -> dict[str, Path]:
     """Writes `<name>_error_prob.nii.gz`, `<name>_error.nii.gz` and
     `<name>_errors_by_structure.nii.gz` (all atomically). Returns {kind: path}."""
-    from wh_errmap.data import save_nifti
     folder = Path(output_dir)
     paths = {kind: folder / f"{name}_{kind}.nii.gz"
              for kind in ("error_prob", "error", "errors_by_structure")}
@@ -140,7 +140,7 @@ def assess(image: Volume, mask: Volume, model: Predictor | str | os.PathLike,
   labels: the mask's label convention (see `wh_errmap.labels.parse_labels`); None accepts
   MMWHS codes only. Raises InvalidCaseError (one line, naming the file) for unusable input.
   """
-  predictor = model if isinstance(model, Predictor) else _load_model_file(model)
+  predictor = model if isinstance(model, Predictor) else load_predictor_file(model)
   settings = settings or Settings()
   convention = convention_from(labels)
   image_volume = read_volume(image, "image")
@@ -171,11 +171,6 @@ def assess(image: Volume, mask: Volume, model: Predictor | str | os.PathLike,
                     {"image": pre.image, "mask": pre.label, "error_prob": prob, "valid": valid,
                      "spacing": tuple(pre.properties["spacing"])},
                     pre.properties, convention, encoded)
-
-
-def _load_model_file(path) -> Predictor:
-  from wh_errmap.predictor import load_predictor_file
-  return load_predictor_file(path)
 
 
 def _scores(image: np.ndarray, mask: np.ndarray, prob: np.ndarray, valid: np.ndarray,
@@ -276,10 +271,3 @@ def verdict(scores: dict[str, Any], ood: list[str], settings: Settings,
                f"predicted Dice below {low:g}: {', '.join(weak)}" if weak else None]
     return "review", [r for r in reasons if r]
   return "ok", []
-
-
-def check_inputs(image: Volume, mask: Volume) -> None:
-  """Raises InvalidCaseError when a path given does not exist (before any model work)."""
-  for what, path in (("image", image), ("mask", mask)):
-    if isinstance(path, (str, os.PathLike)) and not Path(path).exists():
-      raise InvalidCaseError(path, f"{what} not found")

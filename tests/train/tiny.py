@@ -95,3 +95,16 @@ def train_tiny_predictor(workdir, mesh, num_steps: int, segmentors: dict, batch_
   return loop.train("predictor", workdir, state=state, step_fn=step, dataset=dataset, mesh=mesh,
                     num_steps=num_steps, seed=0, log_every=1, checkpoint_every=100,
                     frozen=frozen, progress=lambda _: None)
+
+
+def tiny_predictor_run(run) -> ml_collections.ConfigDict:
+  """Makes `run` a run with its config.json and a tiny predictor for fold 0 trained for the
+  one step of its schedule; returns the recorded config."""
+  from wh_errmap.train.sharding import make_mesh
+  from wh_errmap.workdir import record_config
+  config = tiny_config()
+  config.train.predictor.steps = 1
+  record_config(run, config)
+  train_tiny_predictor(run / "fold0", make_mesh(jax.devices()[:1]), num_steps=1,
+                       segmentors=tiny_segmentors(), batch_size=2)
+  return config

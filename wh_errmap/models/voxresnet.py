@@ -374,12 +374,12 @@ class VoxResNet(nn.Module):
                            name=f"{name}_upsample")()
     kernel_c, bias_c = _Params((1,) * d + (width, classes), classes, self.param_dtype,
                                name=f"{name}_classifier")()
-    blocks = transpose_kernel_to_deconv(kernel.astype(jnp.float32)).reshape(width, -1, width)
+    # Deconvolution then classifier = one deconvolution with kernel @ classifier weights.
     weights = kernel_c.reshape(width, classes).astype(jnp.float32)
-    folded = jnp.einsum("iac,ck->iak", blocks, weights).reshape(width, -1)
+    folded = kernel.astype(jnp.float32) @ weights
     offset = bias.astype(jnp.float32) @ weights + bias_c.astype(jnp.float32)
     x, folded = nn.dtypes.promote_dtype(feature, folded, dtype=self.dtype)
-    return (depth_to_space(x @ folded, factor).astype(jnp.float32) + offset)
+    return deconv_upsample(x, folded, jnp.zeros((), x.dtype)).astype(jnp.float32) + offset
 
   def _side_logits(self, feature: jax.Array, factor: int, name: str) -> jax.Array:
     """(N, *padded_spatial, num_classes) float32 logits of one side output."""
