@@ -62,6 +62,19 @@ def test_dice_is_per_sample():
                              rtol=1e-5)
 
 
+def test_batch_dice_pools_the_samples():
+  # The example above pooled over the batch: class 1 predicted 3 times, labelled once, hit
+  # once; class 2 predicted once, labelled 3 times, hit once: Dice (2 + 1) / (4 + 1) each.
+  labels = np.array([[1, 2], [2, 2]])
+  logits = onehot_logits(np.array([[1, 2], [1, 1]]), 3)
+  np.testing.assert_allclose(losses.soft_dice_loss(logits, labels, 3, over_batch=True), 0.4,
+                             rtol=1e-5)
+  outputs = {name: logits for name in ("final", "side2")}
+  for batch_dice, expected in ((True, 0.4), (False, 1 - (2 + 2 / 3) / 4)):
+    _, aux = losses.segmentation_loss(outputs, labels, 3, (1.0,), batch_dice=batch_dice)
+    np.testing.assert_allclose([aux["final/dice"], aux["side2/dice"]], expected, rtol=1e-5)
+
+
 def test_absent_classes_give_finite_loss_and_gradient():
   labels = np.zeros((2, 4, 4, 3), np.int32)  # only background present
   for logits in (onehot_logits(labels, 8), jnp.zeros((2, 4, 4, 3, 8))):

@@ -12,6 +12,23 @@ def test_the_predictor_trains_on_automatic_masks_only_by_default(experiment):
   assert experiment.get_config().predictor.gt_probability == 0.0
 
 
+@pytest.mark.parametrize("experiment", [cv_fold, cv_fold_small, quickstart])
+def test_only_the_2d_segmentor_pools_its_dice_over_the_batch(experiment):
+  from wh_errmap.train.stages import batch_dice
+  config = experiment.get_config()
+  assert batch_dice(config, "seg2d") and not batch_dice(config, "seg3d")
+
+
+@pytest.mark.parametrize("value", [("seg3D",), ("seg2d", "predictor")])
+def test_an_unknown_batch_dice_model_is_named(value):
+  from wh_errmap.errors import UserError
+  from wh_errmap.train.stages import batch_dice
+  config = cv_fold.get_config()
+  config.loss.batch_dice = value
+  with pytest.raises(UserError, match="loss.batch_dice names '(seg3D|predictor)'"):
+    batch_dice(config, "seg2d")
+
+
 def test_the_first_line_names_the_data():
   config = cv_fold.get_config()
   assert "synthetic whole-heart phantom" in cv_fold.data_line(config)

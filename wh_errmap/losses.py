@@ -40,7 +40,8 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def soft_dice_loss(logits: jax.Array, labels: jax.Array, num_classes: int,
-                   eps: float = DICE_EPS, include_background: bool = False) -> jax.Array:
+                   eps: float = DICE_EPS, include_background: bool = False,
+                   over_batch: bool = False) -> jax.Array:
   """1 - mean soft Dice of softmax probabilities against one-hot labels.
 
   Args:
@@ -52,6 +53,11 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, num_classes: int,
       Dice is near 1 from the first steps, so including it only dilutes the structures'
       gradient (cross entropy already covers background), and the reported segmentation
       DSC is the mean over the foreground classes too.
+    over_batch: one Dice per class over the whole batch ("batch Dice") instead of one per
+      sample and class. For 2D slices most samples hold only some structures: per sample,
+      a structure absent from a slice scores Dice ~1 when not predicted and ~0 when a few
+      voxels are, so small structures (AO, PA, LA) are mostly pushed down; pooled over the
+      batch, each structure's Dice weighs its voxels wherever they are.
   Returns:
     float32 scalar in [0, 1].
   """
@@ -59,7 +65,7 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, num_classes: int,
   onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
   if not include_background:
     probs, onehot = probs[..., 1:], onehot[..., 1:]
-  return 1.0 - _soft_dice(probs, onehot, eps).mean()
+  return 1.0 - _soft_dice(probs, onehot, eps, over_batch).mean()
 
 
 def binary_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -92,7 +98,8 @@ def binary_soft_dice_loss(logits: jax.Array, targets: jax.Array,
 
 def segmentation_loss(outputs: Mapping[str, jax.Array], labels: jax.Array, num_classes: int,
                       side_weights: Sequence[float | jax.Array], dice_weight: float = 1.0,
-                      include_background: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+                      include_background: bool = False, batch_dice: bool = False,
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Deeply supervised CE + soft Dice of a segmentor.
 
   Args:
@@ -104,6 +111,7 @@ def segmentation_loss(outputs: Mapping[str, jax.Array], labels: jax.Array, num_c
       scalars, so a schedule that decays deep supervision can set them inside a jitted step.
     dice_weight: weight of the Dice term relative to CE in each output.
     include_background: see `soft_dice_loss`.
+    batch_dice: Dice pooled over the batch (`soft_dice_loss(over_batch=True)`).
   Returns:
     (total loss, aux) where aux maps "loss" and "<output>/ce", "<output>/dice" to float32
     scalars for logging.
@@ -112,7 +120,8 @@ def segmentation_loss(outputs: Mapping[str, jax.Array], labels: jax.Array, num_c
       outputs, side_weights, dice_weight,
       ce=lambda logits: softmax_cross_entropy(logits, labels),
       dice=lambda logits: soft_dice_loss(logits, labels, num_classes,
-                                         include_background=include_background))
+                                         include_background=include_background,
+                                         over_batch=batch_dice))
 
 
 def error_map_loss(outputs: Mapping[str, jax.Array], error_targets: jax.Array,
@@ -133,12 +142,15 @@ def error_map_loss(outputs: Mapping[str, jax.Array], error_targets: jax.Array,
       dice=lambda logits: binary_soft_dice_loss(logits, error_targets))
 
 
-def _soft_dice(probs: jax.Array, targets: jax.Array, eps: float) -> jax.Array:
-  """(N, K) smoothed Dice per sample and class of (N, *S, K) probabilities and targets."""
-  spatial = tuple(range(1, probs.ndim - 1))
+def _soft_dice(probs: jax.Array, targets: jax.Array, eps: float,
+               over_batch: bool = False) -> jax.Array:
+  """(N, K) smoothed Dice per sample and class of (N, *S, K) probabilities and targets, or
+  (1, K) per class over the whole batch when over_batch."""
+  spatial = tuple(range(0 if over_batch else 1, probs.ndim - 1))
   intersection = jnp.sum(probs * targets, axis=spatial)
   denominator = jnp.sum(probs, axis=spatial) + jnp.sum(targets, axis=spatial)
-  return (2.0 * intersection + eps) / (denominator + eps)
+  dice = (2.0 * intersection + eps) / (denominator + eps)
+  return dice[None] if over_batch else dice
 
 
 def _squeeze_channel(logits: jax.Array, targets: jax.Array) -> jax.Array:

@@ -29,6 +29,7 @@ from wh_errmap.inference import error_probability, segment_logits
 from wh_errmap.metrics import quality_indicator
 from wh_errmap.train.loop import compile_step
 from wh_errmap.train.sharding import global_batch, make_mesh, model_layout, replicated
+from wh_errmap.train.stages import batch_dice
 from wh_errmap.train.state import create_state, make_model, make_optimizer
 from wh_errmap.train.steps import make_predictor_step, make_segmentor_step
 
@@ -212,7 +213,8 @@ class StepBench:
       spatial = models[model_name].spatial_dims
       crop = tuple(self.config.input.crop_3d if spatial == 3 else self.config.input.crop_2d)
       channels, frozen = 1, None
-      fn = make_segmentor_step(models[model_name], self.config.loss)
+      fn = make_segmentor_step(models[model_name], self.config.loss,
+                               batch_dice(self.config, model_name))
     state = self._state(model_name, crop, layout.batch, channels, mesh, models[model_name])
     batch, device_data, make_batch, input_rate, note = self._feed(crop, layout.batch)
     batch_arrays = global_batch(mesh, batch)

@@ -28,6 +28,17 @@ def segmentor_model(config: ml_collections.ConfigDict, name: str, space: int = 1
   return make_model(config.model, SEGMENTORS[name], NUM_CLASSES, space)
 
 
+def batch_dice(config: ml_collections.ConfigDict, name: str) -> bool:
+  """Whether segmentor `name` pools its soft Dice over the batch (config.loss.batch_dice)."""
+  names = config.loss.batch_dice
+  names = (names,) if isinstance(names, str) else tuple(names or ())
+  unknown = sorted(set(names) - set(SEGMENTORS))
+  if unknown:
+    raise UserError(f"loss.batch_dice names {', '.join(map(repr, unknown))}: it lists "
+                    f"segmentors, out of {', '.join(SEGMENTORS)} (or is empty)")
+  return name in names
+
+
 def training_input(config: ml_collections.ConfigDict, cases: Sequence[PreprocessedCase],
                     crop: tuple[int, ...], batch_size: int, seed: int) -> dict[str, Any]:
   """The keyword arguments of loop.train that feed it: dataset, and for crops made on the
@@ -70,7 +81,8 @@ def train_segmentor(config: ml_collections.ConfigDict, name: str,
                        jax.random.fold_in(rng, spatial_dims), mesh)
   feed = training_input(config, train_cases, crop, layout.per_process,
                          config.seed + spatial_dims)
-  state = loop.train(name, workdir, state=state, step_fn=make_segmentor_step(model, config.loss),
+  state = loop.train(name, workdir, state=state, step_fn=make_segmentor_step(
+                         model, config.loss, batch_dice(config, name)),
                      mesh=mesh, num_steps=schedule.steps, seed=config.seed,
                      log_every=config.train.log_every,
                      checkpoint_every=config.train.checkpoint_every,

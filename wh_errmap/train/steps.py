@@ -28,8 +28,12 @@ def apply_train(model: VoxResNet, state: TrainState, params: Any,
   return outputs, updates["batch_stats"]
 
 
-def make_segmentor_step(model: VoxResNet, loss: ml_collections.ConfigDict) -> StepFn:
-  """Step of a segmentor on {"image": (N, *S, 1) float32, "label": (N, *S) int32}."""
+def make_segmentor_step(model: VoxResNet, loss: ml_collections.ConfigDict,
+                        batch_dice: bool = False) -> StepFn:
+  """Step of a segmentor on {"image": (N, *S, 1) float32, "label": (N, *S) int32}.
+
+  batch_dice: the soft Dice is pooled over the batch (`losses.soft_dice_loss`).
+  """
 
   def train_step(state: TrainState, batch: Batch, rng: jax.Array):
     del rng  # no stochastic layers; the signature is shared with the predictor step
@@ -37,7 +41,8 @@ def make_segmentor_step(model: VoxResNet, loss: ml_collections.ConfigDict) -> St
     def loss_fn(params):
       outputs, batch_stats = apply_train(model, state, params, batch["image"])
       total, aux = segmentation_loss(outputs, batch["label"], model.num_classes,
-                                     loss.side_weights, loss.dice_weight)
+                                     loss.side_weights, loss.dice_weight,
+                                     batch_dice=batch_dice)
       return total, (aux, batch_stats)
 
     (_, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
