@@ -12,7 +12,7 @@ from scipy import stats
 
 from experiments import cv_report
 from tests.conftest import blob_label
-from wh_errmap import qc_metrics
+from wh_errmap import conformal, qc_metrics
 from wh_errmap.data import MMWHS_CODES, STRUCTURES, save_nifti
 from wh_errmap.errors import UserError
 from wh_errmap.evaluation import write_records
@@ -254,6 +254,20 @@ def test_qc_statistics_in_the_report(run):
   report = (workdir / "report" / "report.md").read_text()
   assert "## Beyond the paper" in report and "failure AUROC" in report
   assert "Folds without calibration.json: [1]" in report
+  # Dice bounds: each fold's offset fitted on the other folds' auto masks.
+  bounds = {row["structure"]: row for row in qc["dice_bounds"]["structures"]}
+  assert set(bounds) == set(STRUCTURES) | {"mean"} and qc["dice_bounds"]["alpha"] == 0.1
+  folds = sorted(records)
+  pairs = [tuple(np.array([r[f] for r in records[k] if r["mask_type"] != "gt"])
+                 for f in ("pd_mean", "seg_dsc")) for k in folds]
+  expected = conformal.cross_fold_coverage(pairs, 0.1)
+  assert bounds["mean"]["raw"]["coverage"] == pytest.approx(expected["coverage"])
+  assert bounds["mean"]["raw"]["mean_bound"] == pytest.approx(expected["mean_bound"])
+  if len(folds) >= 3:
+    assert bounds["mean"]["recalibrated"] == {
+        k: pytest.approx(v) for k, v in conformal.cross_fitted_coverage(pairs, 0.1).items()
+        if k in ("n", "coverage", "mean_bound", "mean_width")}
+  assert "### Per-case lower bounds on the true Dice (90%), across folds" in report
   # The same pairs (QI, Dice of the auto masks) in both files: the same numbers.
   qi_stats = json.loads((workdir / "report" / "qi_stats.json").read_text())
   assert qi_stats["auto"]["dsc"]["pcc"] == pytest.approx(rows["qi"]["pcc"], rel=1e-12)

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from wh_errmap.conformal import cross_fitted_coverage, cross_fold_coverage
 from wh_errmap.data.nifti_io import STRUCTURES
 from wh_errmap.qc_metrics import (aurc, correlations, e_aurc, expected_calibration_error,
                                   failure_auroc, reliability_curve, risk_coverage)
@@ -28,6 +29,8 @@ SCORES = (("QI", "qi"), ("soft QI", "soft_qi"), ("predicted Dice", "pd_mean"),
           ("softmax QI (baseline)", "base_qi"), ("softmax soft QI (baseline)", "base_soft_qi"),
           ("softmax predicted Dice (baseline)", "base_pd_mean"))
 ESTIMATORS = (("predicted Dice", "pd"), ("softmax predicted Dice (baseline)", None))
+# Miscoverage of the per-case lower bounds on the true Dice: each holds with probability 0.9.
+CONFORMAL_ALPHA = 0.1
 CALIBRATION_SOURCES = (("predictor, auto masks", "predictor"), ("predictor, GT masks",
                        "predictor_gt"), ("softmax baseline, auto masks", "baseline"))
 
@@ -79,6 +82,36 @@ def error_map_table(records: Sequence[Mapping[str, Any]]) -> list[dict]:
           for label, prefix in (("learned predictor", ""), ("softmax baseline", "base_"))]
 
 
+def conformal_table(records_by_fold: Mapping[int, Sequence[Mapping[str, Any]]],
+                    alpha: float = CONFORMAL_ALPHA) -> list[dict]:
+  """Per structure and for the mean Dice: the 1 - alpha lower bound on the true Dice of
+  each auto mask, fitted on the other folds (split conformal, `wh_errmap.conformal`), and
+  its empirical coverage on the fold, pooled over folds.
+
+  "raw" bounds the predicted Dice itself; "recalibrated" first maps it by an isotonic fit
+  on half of the other folds and fits the offset on the other half (3 folds or more). Empty
+  with fewer than 2 folds.
+  """
+  folds = sorted(records_by_fold)
+  if len(folds) < 2:
+    return []
+  rows = []
+  for name, estimate, truth in ([(s, f"pd_{s}", f"dsc_{s}") for s in STRUCTURES]
+                                + [("mean", "pd_mean", "seg_dsc")]):
+    pairs = [(_column(_auto(records_by_fold[k]), estimate),
+              _column(_auto(records_by_fold[k]), truth)) for k in folds]
+    row = {"structure": name}
+    for label, fit in (("raw", cross_fold_coverage), ("recalibrated", cross_fitted_coverage)):
+      try:
+        out = fit(pairs, alpha)
+      except ValueError:   # too few folds or cases for this form
+        out = {"n": 0, "coverage": None, "mean_bound": None, "mean_width": None}
+      row[label] = {k: out[k] for k in ("n", "coverage", "mean_bound", "mean_width")}
+    row["mean_true_dice"] = float(np.nanmean(np.concatenate([t for _, t in pairs])))
+    rows.append(row)
+  return rows
+
+
 def add_bins(bins: Sequence[Mapping[str, Mapping[str, Sequence[float]]]]) -> dict[str, dict]:
   """Sums the calibration bins of several folds, per source."""
   total: dict[str, dict[str, np.ndarray]] = {}
@@ -114,6 +147,8 @@ def qc_statistics(records_by_fold: Mapping[int, Sequence[Mapping[str, Any]]],
   everything = [r for k in sorted(records_by_fold) for r in records_by_fold[k]]
   result["all"] = tables(everything, add_bins(list(bins_by_fold.values())))
   result["missing_calibration"] = sorted(k for k in records_by_fold if k not in bins_by_fold)
+  result["dice_bounds"] = {"alpha": CONFORMAL_ALPHA,
+                           "structures": conformal_table(records_by_fold, CONFORMAL_ALPHA)}
   return result
 
 
@@ -160,6 +195,7 @@ def qc_markdown(stats: Mapping[str, Any], paper_pcc_qi_dsc: float = 0.856) -> st
     lines += ["No calibration.json in any fold (evaluated before calibration was recorded)."]
   if stats["missing_calibration"]:
     lines += ["", f"Folds without calibration.json: {stats['missing_calibration']}."]
+  lines += _bounds_markdown(stats.get("dice_bounds"))
   for fold, tables in stats["folds"].items():
     lines += ["", f"### Fold {fold}: quality scores", ""]
     lines += _md_table(("score", "PCC with Dice", "AURC", "e-AURC", "failure AUROC"),
@@ -167,6 +203,27 @@ def qc_markdown(stats: Mapping[str, Any], paper_pcc_qi_dsc: float = 0.856) -> st
                          _n(r["failure_auroc"])) for r in tables["scores"]])
   lines += [""]
   return "\n".join(lines)
+
+
+def _bounds_markdown(bounds: Mapping[str, Any] | None) -> list[str]:
+  if not bounds or not bounds["structures"]:
+    return []
+  level = 1 - bounds["alpha"]
+  lines = ["", f"### Per-case lower bounds on the true Dice ({level:.0%}), across folds", "",
+           f"For each auto mask, a bound that the true Dice exceeds with probability "
+           f"{level:.0%} (split conformal: the offset is fitted on the other folds' masks, so "
+           f"each fold is scored on bounds it did not shape). Coverage = share of masks whose "
+           f"true Dice is at or above its bound; below = mean distance of the bound under "
+           f"the estimate. Recalibrated: the predicted Dice is first mapped by an isotonic "
+           f"fit on half of the other folds, the offset fitted on the other half.", ""]
+  def cells(out):
+    return (_n(out["coverage"]), _n(out["mean_bound"]), _n(out["mean_width"]))
+  lines += _md_table(
+      ("structure", "masks", "mean true Dice", "coverage", "mean bound", "below",
+       "recal. coverage", "recal. mean bound", "recal. below"),
+      [(r["structure"], str(r["raw"]["n"]), _n(r["mean_true_dice"]), *cells(r["raw"]),
+        *cells(r["recalibrated"])) for r in bounds["structures"]])
+  return lines
 
 
 def risk_coverage_figure(records: Sequence[Mapping[str, Any]], path: Path) -> None:
