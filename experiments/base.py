@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from wh_errmap import perturbations
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -83,6 +85,12 @@ def get_config() -> ml_collections.ConfigDict:
   # paper (the loss averages over the automatic masks only); 0.1 also teaches it what a
   # correct mask looks like (an option, see README "Differences from the paper").
   c.predictor.gt_probability = 0.0
+  # Where the predictor's training masks come from, as relative weights per sample:
+  # "segmentors" = the frozen segmentors' 10 outputs (the paper's), "perturbed" = the
+  # ground truth with synthetic errors (wh_errmap/perturbations.py; beyond the paper).
+  c.predictor.mask_sources = ml_collections.ConfigDict({"segmentors": 1.0, "perturbed": 0.0})
+  # Rates (per-sample probabilities) and magnitudes (voxels) of the synthetic errors.
+  c.predictor.perturbations = ml_collections.ConfigDict(dict(perturbations.DEFAULTS))
   c.predictor.threshold = 0.5        # error probability above which a voxel counts as wrong
 
   c.report = ml_collections.ConfigDict()

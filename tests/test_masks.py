@@ -4,9 +4,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from tests.train.tiny import tiny_config, tiny_segmentors
-from wh_errmap.masks import AUTO_MASK_TYPES, MASK_TYPES, auto_masks, pick_masks, slicewise
+from wh_errmap.errors import UserError
+from wh_errmap.masks import (AUTO_MASK_TYPES, MASK_TYPES, MaskSources, auto_masks, mask_sources,
+                             perturbed_masks, pick_masks, slicewise)
+from wh_errmap.perturbations import DEFAULTS, Settings, settings_from_mapping
 from wh_errmap.train.sharding import make_mesh
 from wh_errmap.train.state import create_state, make_model, make_optimizer
 from wh_errmap.train.steps import make_predictor_step
@@ -74,3 +78,66 @@ def test_predictor_step_generates_masks_from_the_frozen_segmentors_inside_jit():
   assert a["loss"] != b["loss"]
   # Re-running with the same segmentors reproduces the masks exactly.
   assert run(segmentors_a) == a
+
+
+def box_label(n: int = 2) -> jnp.ndarray:
+  label = np.zeros((n, 16, 16, 8), np.int32)
+  label[:, 2:8, 3:9, 1:6] = 1
+  label[:, 9:14, 4:12, 2:7] = 3
+  label[:, 4:7, 10:15, 3:8] = 5
+  return jnp.asarray(label)
+
+
+def test_perturbed_masks_always_differ_from_the_ground_truth():
+  label = box_label(6)
+  # Rates 0: only the fallback erosion or dilation acts, so each sample still has errors.
+  none = MaskSources(perturbed=1.0, perturbations=settings_from_mapping(
+      {k: 0.0 for k, v in DEFAULTS.items() if k.endswith("_rate")}))
+  for settings in (none.perturbations, MaskSources().perturbations):
+    masks = jax.jit(perturbed_masks, static_argnums=(2, 3))(label, jax.random.key(3),
+                                                            settings, 8)
+    changed = np.asarray(jnp.any(masks != label, axis=(1, 2, 3)))
+    assert changed.all(), changed
+
+
+def test_predictor_step_on_perturbed_ground_truth_only():
+  config = tiny_config()
+  model = make_model(config.model, 3, 1)
+  mesh = make_mesh(jax.devices()[:1])
+  segmentors_a, segmentors_b = tiny_segmentors(seed=0), tiny_segmentors(seed=10)
+  sources = mask_sources({"segmentors": 0.0, "perturbed": 1.0})
+  step = jax.jit(make_predictor_step(model, segmentors_a["seg3d"][0], segmentors_a["seg2d"][0],
+                                     config.loss, 0.0, 8, sources))
+  batch = {"image": jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 8, 1)),
+                                jnp.float32), "label": box_label()}
+
+  def run(segmentors):
+    state = create_state(model, make_optimizer(config.optim, 10), (2, 16, 16, 8, 9),
+                         jax.random.key(1), mesh)
+    frozen = {name: variables for name, (_, variables) in segmentors.items()}
+    return {k: float(v) for k, v in step(state, batch, jax.random.key(2), frozen)[1].items()}
+
+  a = run(segmentors_a)
+  assert a["perturbed_fraction"] == 1.0 and a["gt_fraction"] == 0.0
+  assert 0 < a["true_error_rate"] < 0.5
+  # The segmentors are not run: other weights, the same masks and loss.
+  assert run(segmentors_b) == a
+
+
+@pytest.mark.parametrize("sources, perturbations, message", [
+    ({"segmentors": 1.0, "nnunet": 1.0}, None, "unknown source.*nnunet"),
+    ({"segmentors": -1.0, "perturbed": 1.0}, None, "must be >= 0"),
+    ({"segmentors": 0.0, "perturbed": 0.0}, None, "not all 0"),
+    ({"segmentors": 1.0}, {"max_radus": 2}, "predictor.perturbations.*max_radus"),
+])
+def test_mask_sources_are_checked(sources, perturbations, message):
+  with pytest.raises(UserError, match=message):
+    mask_sources(sources, perturbations)
+
+
+def test_mask_sources_default_to_the_segmentors_alone():
+  from experiments import base
+  config = base.get_config()
+  sources = mask_sources(config.predictor.mask_sources, config.predictor.perturbations)
+  assert (sources.segmentors, sources.perturbed) == (1.0, 0.0)
+  assert sources.perturbations == Settings()

@@ -1,18 +1,24 @@
-"""Masks generated on the device by the frozen segmentors, for the predictor's training step.
+"""Masks generated on the device for the predictor's training step.
 
 The paper collects each segmentor's fused and side outputs as training masks for the
 error-map predictor. Here they are produced inside the predictor's jitted step from the
 segmentors' parameters (step arguments, never updated), so no mask is written to disk or
-crosses to the host, and every augmented crop gets fresh masks.
+crosses to the host, and every augmented crop gets fresh masks. A second source
+(`MaskSources.perturbed`, off by default) perturbs the crop's ground truth with synthetic
+errors of known kinds (`wh_errmap.perturbations`), so the predictor also sees errors that
+its own segmentors do not make.
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 
+from wh_errmap.errors import UserError
 from wh_errmap.models.voxresnet import OUTPUT_NAMES, VoxResNet
+from wh_errmap.perturbations import Settings, erode_dilate, perturb, settings_from_mapping
 
 # Mask types in the order of `auto_masks`; "gt" is the ground truth itself.
 AUTO_MASK_TYPES = tuple(f"{dims}-{output}" for dims in ("3d", "2d") for output in OUTPUT_NAMES)
@@ -81,3 +87,57 @@ def pick_masks(masks: jax.Array, label: jax.Array, rng: jax.Array,
 def predictor_input(image: jax.Array, mask: jax.Array, num_classes: int) -> jax.Array:
   """(N, *S, 1) image and (N, *S) mask -> (N, *S, 1 + num_classes) predictor input."""
   return jnp.concatenate([image, jax.nn.one_hot(mask, num_classes, dtype=image.dtype)], -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSources:
+  """Where the predictor's training masks come from, as relative weights per sample.
+
+  segmentors: the frozen segmentors' 10 outputs (the paper's masks; `pick_masks`).
+  perturbed: the crop's ground truth with synthetic errors (`perturbations.perturb`; a
+    sample that no perturbation changed gets an erosion or dilation, so every perturbed
+    mask is wrong somewhere).
+  Hashable: the step closes over it as a constant.
+  """
+  segmentors: float = 1.0
+  perturbed: float = 0.0
+  perturbations: Settings = Settings()
+
+  @property
+  def perturbed_share(self) -> float:
+    return self.perturbed / (self.segmentors + self.perturbed)
+
+
+def mask_sources(sources: Mapping[str, Any], perturbations: Mapping[str, Any] | None = None
+                 ) -> MaskSources:
+  """MaskSources from config.predictor.mask_sources and .perturbations, checked.
+
+  Raises UserError naming an unknown source or setting, a negative weight, or all zero.
+  """
+  sources = dict(sources)
+  known = [f.name for f in dataclasses.fields(MaskSources) if f.name != "perturbations"]
+  unknown = sorted(set(sources) - set(known))
+  if unknown:
+    raise UserError(f"predictor.mask_sources has unknown source(s) {', '.join(unknown)}; "
+                    f"known: {', '.join(known)}")
+  weights = {name: float(sources.get(name, 0.0)) for name in known}
+  if any(w < 0 for w in weights.values()) or not sum(weights.values()) > 0:
+    raise UserError(f"predictor.mask_sources weights must be >= 0 and not all 0, got "
+                    f"{weights}")
+  try:
+    settings = settings_from_mapping(perturbations or {})
+  except ValueError as e:
+    raise UserError(f"predictor.perturbations: {e}") from None
+  return MaskSources(**weights, perturbations=settings)
+
+
+def perturbed_masks(label: jax.Array, rng: jax.Array, settings: Settings,
+                    num_classes: int) -> jax.Array:
+  """(N, *S) ground truth -> (N, *S) int32 masks with at least one synthetic error each
+  (unless a sample has no structure to erode or dilate)."""
+  label = label.astype(jnp.int32)
+  rng, fallback_rng = jax.random.split(rng)
+  masks = perturb(label, rng, settings, num_classes)
+  unchanged = jnp.all(masks == label, axis=tuple(range(1, label.ndim)))
+  fallback = erode_dilate(label, fallback_rng, settings.max_radius, num_classes)
+  return jnp.where(unchanged.reshape(-1, *([1] * (label.ndim - 1))), fallback, masks)

@@ -29,7 +29,7 @@ from wh_errmap.inference import error_probability, segment_logits
 from wh_errmap.metrics import quality_indicator
 from wh_errmap.train.loop import compile_step
 from wh_errmap.train.sharding import global_batch, make_mesh, model_layout, replicated
-from wh_errmap.train.stages import batch_dice
+from wh_errmap.train.stages import batch_dice, predictor_mask_sources
 from wh_errmap.train.state import create_state, make_model, make_optimizer
 from wh_errmap.train.steps import make_predictor_step, make_segmentor_step
 
@@ -206,7 +206,7 @@ class StepBench:
       crop, channels = tuple(self.config.input.crop_predictor), 1 + NUM_CLASSES
       fn = make_predictor_step(models["predictor"], models["seg3d"], models["seg2d"],
                                self.config.loss, self.config.predictor.gt_probability,
-                               NUM_CLASSES)
+                               NUM_CLASSES, predictor_mask_sources(self.config))
       frozen = jax.device_put({"seg3d": self._variables("seg3d"),
                                "seg2d": self._variables("seg2d")}, replicated(mesh))
     else:

@@ -13,6 +13,7 @@ from wh_errmap.data import NUM_CLASSES
 from wh_errmap.data.device_crops import crop_batch, stack_volumes, use_device_data
 from wh_errmap.data.pipeline import train_dataset
 from wh_errmap.errors import UserError
+from wh_errmap.masks import MaskSources, mask_sources
 from wh_errmap.data.preprocess import PreprocessedCase
 from wh_errmap.models.voxresnet import VoxResNet
 from wh_errmap.train import loop
@@ -96,6 +97,13 @@ def predictor_model(config: ml_collections.ConfigDict, space: int = 1) -> VoxRes
   return make_model(config.model, 3, 1, space)
 
 
+def predictor_mask_sources(config: ml_collections.ConfigDict) -> MaskSources:
+  """config.predictor.mask_sources and .perturbations, checked (UserError)."""
+  predictor = config.predictor
+  return mask_sources(predictor.get("mask_sources", {"segmentors": 1.0}),
+                      predictor.get("perturbations"))
+
+
 def train_predictor(config: ml_collections.ConfigDict,
                     segmentors: dict[str, tuple[VoxResNet, dict[str, Any]]],
                     train_cases: Sequence[PreprocessedCase], workdir: str | Path,
@@ -116,7 +124,8 @@ def train_predictor(config: ml_collections.ConfigDict,
   # take the form that partitions over its 'space' axis (same parameters either way).
   seg3d, seg2d = (segmentor_model(config, name, layout.space) for name in SEGMENTORS)
   step = make_predictor_step(model, seg3d, seg2d, config.loss,
-                             config.predictor.gt_probability, NUM_CLASSES)
+                             config.predictor.gt_probability, NUM_CLASSES,
+                             predictor_mask_sources(config))
   frozen = {name: variables for name, (_, variables) in segmentors.items()}
   state = loop.train("predictor", workdir, state=state, step_fn=step, mesh=mesh,
                      num_steps=schedule.steps, seed=config.seed + 1000,

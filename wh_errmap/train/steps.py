@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from wh_errmap.losses import error_map_loss, segmentation_loss
-from wh_errmap.masks import auto_masks, pick_masks, predictor_input
+from wh_errmap.masks import (AUTO_MASK_TYPES, MaskSources, auto_masks, perturbed_masks,
+                             pick_masks, predictor_input)
 from wh_errmap.models.voxresnet import VoxResNet
 from wh_errmap.train.state import TrainState
 
@@ -53,21 +54,37 @@ def make_segmentor_step(model: VoxResNet, loss: ml_collections.ConfigDict,
 
 def make_predictor_step(model: VoxResNet, seg3d: VoxResNet, seg2d: VoxResNet,
                         loss: ml_collections.ConfigDict, gt_probability: float,
-                        num_classes: int) -> Callable:
+                        num_classes: int, sources: MaskSources = MaskSources()) -> Callable:
   """Step of the error-map predictor: `(state, batch, rng, frozen) -> (state, metrics)`.
 
   frozen: {"seg3d": variables, "seg2d": variables} of the trained segmentors. They are
   arguments, not constants, and get no gradient: inside the step they generate the 10 auto
   masks of each crop, one mask per sample is picked (or the ground truth), and the
-  predictor learns its error map `mask != label`.
+  predictor learns its error map `mask != label`. With `sources.perturbed` > 0, each
+  sample instead takes a perturbed ground truth with probability `sources.perturbed_share`
+  (the segmentors are not run at all when their weight is 0).
   """
+  num_auto = len(AUTO_MASK_TYPES)
 
   def train_step(state: TrainState, batch: Batch, rng: jax.Array, frozen: dict[str, Any]):
     frozen = jax.lax.stop_gradient(frozen)
-    masks = auto_masks((seg3d, frozen["seg3d"]), (seg2d, frozen["seg2d"]), batch["image"])
-    mask, choice = pick_masks(masks, batch["label"], rng, gt_probability)
+    label = batch["label"]
+    n = label.shape[0]
+    if sources.perturbed > 0:
+      # Only then is the key split: the segmentor-only step draws exactly as before.
+      rng, perturb_rng, share_rng = jax.random.split(rng, 3)
+    if sources.segmentors > 0:
+      masks = auto_masks((seg3d, frozen["seg3d"]), (seg2d, frozen["seg2d"]), batch["image"])
+      mask, choice = pick_masks(masks, label, rng, gt_probability)
+    else:
+      mask, choice = label.astype(jnp.int32), jnp.full((n,), num_auto, jnp.int32)
+    perturbed = jnp.zeros((n,), bool)
+    if sources.perturbed > 0:
+      perturbed = jax.random.uniform(share_rng, (n,)) < sources.perturbed_share
+      synthetic = perturbed_masks(label, perturb_rng, sources.perturbations, num_classes)
+      mask = jnp.where(perturbed.reshape(n, *([1] * (label.ndim - 1))), synthetic, mask)
     inputs = predictor_input(batch["image"], mask, num_classes)
-    error = (mask != batch["label"]).astype(jnp.float32)
+    error = (mask != label).astype(jnp.float32)
 
     def loss_fn(params):
       outputs, batch_stats = apply_train(model, state, params, inputs)
@@ -76,7 +93,9 @@ def make_predictor_step(model: VoxResNet, seg3d: VoxResNet, seg2d: VoxResNet,
 
     (_, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     aux = {**aux, "true_error_rate": error.mean(),
-           "gt_fraction": (choice == masks.shape[0]).mean()}
+           "gt_fraction": ((choice == num_auto) & ~perturbed).mean()}
+    if sources.perturbed > 0:
+      aux["perturbed_fraction"] = perturbed.mean()
     return state.apply_gradients(grads, batch_stats), aux
 
   return train_step
