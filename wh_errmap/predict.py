@@ -233,8 +233,11 @@ def folder_results(output_dir: Path) -> list[dict[str, Any]]:
 
 
 TSV_COLUMNS = (["pair", "verdict", "reasons", "mean_predicted_dice", "min_predicted_dice",
+                "calibrated_mean_dice", "mean_dice_lower_bound",
                 "qi", "soft_qi", "predicted_error_ml"]
-               + [f"dice_{s}" for s in STRUCTURES] + [f"error_ml_{s}" for s in STRUCTURES]
+               + [f"dice_{s}" for s in STRUCTURES]
+               + [f"dice_lower_bound_{s}" for s in STRUCTURES]
+               + [f"error_ml_{s}" for s in STRUCTURES]
                + [f"volume_ml_{s}" for s in STRUCTURES]
                + ["missing", "dropped_labels", "label_convention", "image", "mask"])
 
@@ -248,6 +251,9 @@ def tsv_row(result: dict[str, Any]) -> dict[str, Any]:
          "reasons": "; ".join(result.get("reasons", [])),
          "mean_predicted_dice": number(result.get("mean_predicted_dice"), 4),
          "min_predicted_dice": number(result.get("min_predicted_dice"), 4),
+         # with a calibrated model file (calibrate): blank otherwise
+         "calibrated_mean_dice": number(result.get("calibrated_mean_dice"), 4),
+         "mean_dice_lower_bound": number(result.get("mean_dice_lower_bound"), 4),
          "qi": number(result.get("qi"), 4), "soft_qi": number(result.get("soft_qi"), 4),
          "predicted_error_ml": number(result.get("predicted_error_ml"), 2),
          "missing": ",".join(result.get("missing", [])),
@@ -257,6 +263,7 @@ def tsv_row(result: dict[str, Any]) -> dict[str, Any]:
   for s in STRUCTURES:
     found = structures.get(s, {})
     row[f"dice_{s}"] = number(found.get("predicted_dice"), 4)
+    row[f"dice_lower_bound_{s}"] = number(found.get("dice_lower_bound"), 4)
     row[f"error_ml_{s}"] = number(found.get("predicted_error_ml"), 2)
     row[f"volume_ml_{s}"] = number(found.get("mask_volume_ml"), 2)
   return row

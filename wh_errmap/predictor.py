@@ -57,6 +57,7 @@ class Predictor:
   reference: dict | None = None        # training_reference(), None when unknown
   model_sha256: str | None = None      # the model file's checksum, when loaded from one
   shape_bucket: int = 16
+  calibration: dict | None = None      # calibration.Calibration.to_dict(), from `calibrate`
 
   def error_map(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """(X, Y, Z) float32 error probability of a preprocessed (X, Y, Z) float32 image and
@@ -124,19 +125,23 @@ def load_predictor_file(path: str | Path) -> Predictor:
   return Predictor(model, stored.variables, config, str(Path(path).absolute()), stored.fold,
                    int(provenance.get("checkpoint_step", 0)),
                    int(provenance.get("total_steps", 0)),
-                   reference=stored.training.get("reference"), model_sha256=stored.sha256)
+                   reference=stored.training.get("reference"), model_sha256=stored.sha256,
+                   calibration=stored.training.get("calibration"))
 
 
 def export_predictor(predictor: Predictor, path: str | Path, training: dict[str, Any]) -> Path:
   """Writes `predictor` as one model file: weights, config, label convention, the training
-  data's description (with its reference statistics), fold and provenance."""
+  data's description (with its reference statistics and any calibration), fold and
+  provenance."""
   from wh_errmap import __version__
   variables = jax.tree.map(np.asarray, jax.device_get(predictor.variables))
   provenance = {**predictor.provenance, "wh_errmap_version": __version__,
                 "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-  return save_model(path, variables, predictor.config.to_dict(), MMWHS.to_json(),
-                    {**training, "reference": predictor.reference}, predictor.fold,
-                    provenance)
+  training = {**training, "reference": predictor.reference}
+  if predictor.calibration is not None:
+    training["calibration"] = predictor.calibration
+  return save_model(path, variables, predictor.config.to_dict(), MMWHS.to_json(), training,
+                    predictor.fold, provenance)
 
 
 # ---------------------------------------------------------------- training reference

@@ -19,9 +19,13 @@ Nothing is written unless asked (`Assessment.write`). The steps:
    - `fail`: the mask misses a structure of its convention;
    - `fail`: mean predicted Dice below `failure_dice`;
    - `review`: mean predicted Dice below `failure_dice + review_band`, or one structure's
-     predicted Dice below `failure_dice`;
+     predicted Dice below `failure_dice`, or (calibrated predictors) the lower bound on the
+     true mean Dice below `failure_dice`;
    - `ok` otherwise.
    The mean is over the structures of the mask's convention; a missing one counts as 0.
+   A predictor calibrated on the user's own cases (`--experiment=calibrate`) brings its
+   error threshold, calibrated Dice (which the rules then read instead of the predicted
+   Dice) and per-structure lower bounds on the true Dice (`wh_errmap.calibration`).
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from wh_errmap.calibration import MEAN, Calibration
 from wh_errmap.data import NUM_CLASSES, STRUCTURES, save_nifti
 from wh_errmap.data.dataset import preprocess_config
 from wh_errmap.data.nifti_io import _read, case_id_from_path, make_case, read_image_object
@@ -133,15 +138,23 @@ def read_volume(volume: Volume, what: str) -> tuple[np.ndarray, np.ndarray, str]
 
 def assess(image: Volume, mask: Volume, model: Predictor | str | os.PathLike,
            labels: str | LabelConvention | None = None, settings: Settings | None = None,
-           progress: Callable[[str], None] = console) -> Assessment:
+           progress: Callable[[str], None] = console,
+           reference: Volume | None = None) -> Assessment:
   """Assesses `mask` (a path, a nibabel image, or a TotalSegmentator per-structure folder)
   of `image` (a path or a nibabel image) with `model` (a Predictor or a model file path).
 
   labels: the mask's label convention (see `wh_errmap.labels.parse_labels`); None accepts
   MMWHS codes only. Raises InvalidCaseError (one line, naming the file) for unusable input.
+  reference: the image's ground truth, in the mask's convention, for scoring only
+  (calibration): it is cropped with the mask's box, never places it. Adds scores["true"]
+  (true Dice per structure and their mean, accuracy) and crop["reference"].
   """
   predictor = model if isinstance(model, Predictor) else load_predictor_file(model)
   settings = settings or Settings()
+  calibration = (Calibration.from_dict(predictor.calibration) if predictor.calibration
+                 else None)
+  if calibration is not None:   # the threshold fitted on the user's own cases
+    settings = dataclasses.replace(settings, threshold=calibration.threshold)
   convention = convention_from(labels)
   image_volume = read_volume(image, "image")
   if isinstance(mask, (str, os.PathLike)) and is_structure_folder(mask):
@@ -165,17 +178,41 @@ def assess(image: Volume, mask: Volume, model: Predictor | str | os.PathLike,
   valid = valid_region(pre.properties)
   prob = np.where(valid, predictor.error_map(pre.image, pre.label), 0.0).astype(np.float32)
   scores = _scores(pre.image, pre.label, prob, valid, pre.properties, predictor, convention,
-                   encoded, settings)
+                   encoded, settings, calibration)
+  crop = {"image": pre.image, "mask": pre.label, "error_prob": prob, "valid": valid,
+          "spacing": tuple(pre.properties["spacing"])}
+  if reference is not None:
+    truth = make_case(image_volume, read_volume(reference, "reference"), case.case_id,
+                      lambda path, raw: convention.encode(path, raw).classes)
+    crop["reference"] = preprocess_case(truth, preprocess_config(predictor.config),
+                                        crop_label=case.label).label
+    scores["true"] = true_scores(pre.label, crop["reference"], valid, convention)
   restored = restore_to_original(prob, pre.properties, order=1).astype(np.float32)
-  return Assessment(scores, restored, np.asarray(pre.properties["original_affine"]),
-                    {"image": pre.image, "mask": pre.label, "error_prob": prob, "valid": valid,
-                     "spacing": tuple(pre.properties["spacing"])},
+  return Assessment(scores, restored, np.asarray(pre.properties["original_affine"]), crop,
                     pre.properties, convention, encoded)
+
+
+def true_scores(mask: np.ndarray, reference: np.ndarray, valid: np.ndarray,
+                convention: LabelConvention) -> dict[str, Any]:
+  """The mask's true quality against its ground truth, over the valid voxels: Dice per
+  structure of the convention (None when absent from both), their mean (a structure absent
+  from the mask but present in the truth counts 0) and voxel accuracy."""
+  m, r = mask[valid], reference[valid]
+  dice = {}
+  for c, name in enumerate(STRUCTURES, start=1):
+    if convention.structure_value(c) is None:
+      continue
+    both = int(np.sum(m == c)) + int(np.sum(r == c))
+    dice[name] = 2.0 * float(np.sum((m == c) & (r == c))) / both if both else None
+  values = [d for d in dice.values() if d is not None]
+  return {"dice": dice, "mean_dice": float(np.mean(values)) if values else None,
+          "accuracy": float(np.mean(m == r)) if m.size else None}
 
 
 def _scores(image: np.ndarray, mask: np.ndarray, prob: np.ndarray, valid: np.ndarray,
             properties: dict, predictor: Predictor, convention: LabelConvention,
-            encoded: EncodedMask, settings: Settings) -> dict[str, Any]:
+            encoded: EncodedMask, settings: Settings,
+            calibration: Calibration | None = None) -> dict[str, Any]:
   """Every score of one assessment, over the valid voxels only."""
   ml = float(np.prod(properties["spacing"])) / 1000.0
   tp, fp, fn = predicted_dice_terms(mask, prob, NUM_CLASSES, 1)
@@ -207,6 +244,16 @@ def _scores(image: np.ndarray, mask: np.ndarray, prob: np.ndarray, valid: np.nda
       "empty": bool(encoded.empty),
       "dropped_labels": {str(v): n for v, n in encoded.dropped.items()},
   }
+  if calibration is not None:
+    for name in expected:
+      d = structures[name]["predicted_dice"]
+      structures[name]["calibrated_dice"] = calibration.calibrated(name, d)
+      structures[name]["dice_lower_bound"] = calibration.lower_bound(name, d)
+    mean = scores["mean_predicted_dice"]
+    scores["calibrated_mean_dice"] = calibration.calibrated(MEAN, mean)
+    scores["mean_dice_lower_bound"] = calibration.lower_bound(MEAN, mean)
+    scores["calibration"] = {"cases": calibration.cases, "method": calibration.method,
+                             "alpha": calibration.bounds.alpha, "source": calibration.source}
   ood = ood_reasons(image, mask, valid, properties, predictor.reference, settings)
   scores["verdict"], scores["reasons"] = verdict(scores, ood, settings)
   scores["training_reference"] = predictor.reference is not None
@@ -260,14 +307,25 @@ def verdict(scores: dict[str, Any], ood: list[str], settings: Settings,
     return "out_of_distribution", ood + missing
   if missing:
     return "fail", missing
-  mean, low = scores["mean_predicted_dice"], settings.failure_dice
-  weak = [f"{name} {s['predicted_dice']:.2f}" for name, s in scores["structures"].items()
-          if s["predicted_dice"] is not None and s["predicted_dice"] < low]
+  # With a calibration the rules read the calibrated Dice, and "ok" also needs the lower
+  # bound on the true mean Dice to clear failure_dice.
+  calibrated = "calibrated_mean_dice" in scores
+  key, word = (("calibrated_dice", "calibrated Dice") if calibrated
+               else ("predicted_dice", "predicted Dice"))
+  mean = scores["calibrated_mean_dice" if calibrated else "mean_predicted_dice"]
+  low = settings.failure_dice
+  weak = [f"{name} {s[key]:.2f}" for name, s in scores["structures"].items()
+          if s.get(key) is not None and s[key] < low]
   if mean < low:
-    return "fail", [f"mean predicted Dice {mean:.3f} < {low:g}"]
-  if mean < low + settings.review_band or weak:
-    reasons = [f"mean predicted Dice {mean:.3f} < {low + settings.review_band:g}"
+    return "fail", [f"mean {word} {mean:.3f} < {low:g}"]
+  bound = scores.get("mean_dice_lower_bound")
+  unsure = bound is not None and bound < low
+  if mean < low + settings.review_band or weak or unsure:
+    level = 1 - scores["calibration"]["alpha"] if calibrated else None
+    reasons = [f"mean {word} {mean:.3f} < {low + settings.review_band:g}"
                if mean < low + settings.review_band else None,
-               f"predicted Dice below {low:g}: {', '.join(weak)}" if weak else None]
+               f"{word} below {low:g}: {', '.join(weak)}" if weak else None,
+               f"the {level:.0%} lower bound on the mean Dice, {bound:.3f}, is below {low:g}"
+               if unsure else None]
     return "review", [r for r in reasons if r]
   return "ok", []
