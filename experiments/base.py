@@ -88,7 +88,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Where the predictor's training masks come from, as relative weights per sample:
   # "segmentors" = the frozen segmentors' 10 outputs (the paper's), "perturbed" = the
   # ground truth with synthetic errors (wh_errmap/perturbations.py; beyond the paper).
-  c.predictor.mask_sources = ml_collections.ConfigDict({"segmentors": 1.0, "perturbed": 0.0})
+  # "precomputed" = masks of other segmentors (e.g. nnU-Net's out-of-fold predictions) from
+  # predictor.mask_dirs, named after the training cases (wh_errmap/precomputed.py).
+  c.predictor.mask_sources = ml_collections.ConfigDict(
+      {"segmentors": 1.0, "perturbed": 0.0, "precomputed": 0.0})
+  c.predictor.mask_dirs = ""     # comma-separated folders of CASE.nii.gz / CASE_*.nii.gz
+  c.predictor.mask_labels = ""   # their label convention, as predict's --labels ("" = MMWHS)
   # Rates (per-sample probabilities) and magnitudes (voxels) of the synthetic errors.
   c.predictor.perturbations = ml_collections.ConfigDict(dict(perturbations.DEFAULTS))
   c.predictor.threshold = 0.5        # error probability above which a voxel counts as wrong

@@ -97,15 +97,22 @@ class MaskSources:
   perturbed: the crop's ground truth with synthetic errors (`perturbations.perturb`; a
     sample that no perturbation changed gets an erosion or dilation, so every perturbed
     mask is wrong somewhere).
+  precomputed: masks of other segmentors from folders (`wh_errmap.precomputed`), carried
+    by the batch; a sample of a case without one keeps its segmentor mask.
   Hashable: the step closes over it as a constant.
   """
   segmentors: float = 1.0
   perturbed: float = 0.0
+  precomputed: float = 0.0
   perturbations: Settings = Settings()
 
   @property
   def perturbed_share(self) -> float:
-    return self.perturbed / (self.segmentors + self.perturbed)
+    return self.perturbed / (self.segmentors + self.perturbed + self.precomputed)
+
+  @property
+  def precomputed_share(self) -> float:
+    return self.precomputed / (self.segmentors + self.perturbed + self.precomputed)
 
 
 def mask_sources(sources: Mapping[str, Any], perturbations: Mapping[str, Any] | None = None

@@ -218,3 +218,56 @@ def test_measure_rate_counts_batches_and_voxels():
   assert rate["num_batches"] == 3
   np.testing.assert_allclose(rate["samples_per_s"], 2 * rate["batches_per_s"])
   np.testing.assert_allclose(rate["mvoxels_per_s"], rate["samples_per_s"] * 8 * 8 * 6 / 1e6)
+
+
+def _shifted(label, offset):
+  """label moved by `offset` voxels along axis 0, zeros where it moved from."""
+  out = np.zeros_like(label)
+  out[offset:] = label[:-offset]
+  return out
+
+
+def test_precomputed_masks_are_cropped_and_flipped_in_register_with_the_label():
+  # Each case's mask is its label shifted by 2 voxels along axis 0. Exact crops: in every
+  # sample the mask is the label shifted by +2 (or by -2 where axis 0 was flipped).
+  cases = _cases(3)
+  masks = [_shifted(c.label, 2)[None] for c in cases]
+  ds = pipeline.train_dataset(cases, crop_size=(10, 8, 6), batch_size=4, seed=3,
+                              scale_range=(1.0, 1.0), masks=masks, shard_index=0,
+                              shard_count=1)
+  seen = set()
+  for batch in take_batches(ds, 6):
+    assert batch["mask"].shape == batch["label"].shape and batch["mask"].dtype == np.int32
+    assert batch["has_mask"].all()
+    for mask, label in zip(batch["mask"], batch["label"]):
+      forward = np.array_equal(mask[2:], label[:-2])
+      backward = np.array_equal(mask[:-2], label[2:])
+      assert forward != backward   # exactly one: the shift survived crop and flip
+      seen.add(forward)
+  assert seen == {True, False}     # both orientations occurred
+
+
+def test_precomputed_masks_follow_the_labels_scaling_and_are_optional_per_case():
+  # A voxel-wise recoding of the label (2 <-> 3) survives any crop, scale and flip exactly.
+  cases = _cases(2)
+  recode = np.array([0, 1, 3, 2, 4, 5, 6, 7], np.uint8)
+  masks = [recode[cases[0].label][None], np.zeros((0, *SHAPE), np.uint8)]
+  ds = pipeline.train_dataset(cases, crop_size=(9, 9, 7), batch_size=4, seed=5,
+                              scale_range=(0.7, 1.3), masks=masks, shard_index=0,
+                              shard_count=1)
+  plain = pipeline.train_dataset(cases, crop_size=(9, 9, 7), batch_size=4, seed=5,
+                                 scale_range=(0.7, 1.3), shard_index=0, shard_count=1)
+  flags = []
+  for batch, same in zip(take_batches(ds, 5), take_batches(plain, 5)):
+    # The image and label stream is the one without masks.
+    np.testing.assert_array_equal(batch["label"], same["label"])
+    for mask, label, has in zip(batch["mask"], batch["label"], batch["has_mask"]):
+      if has:
+        np.testing.assert_array_equal(mask, recode[label])
+      else:
+        assert not mask.any()
+      flags.append(bool(has))
+  assert flags.count(True) == flags.count(False) == 10   # each case half of the samples
+  with pytest.raises(ValueError, match="one entry per case"):
+    pipeline.train_dataset(cases, crop_size=(9, 9, 7), batch_size=2, seed=0,
+                           masks=masks[:1], shard_index=0, shard_count=1)

@@ -190,21 +190,38 @@ class _TrainSample(_TrainParams):
   """grain random map: index of a case in this shard -> one augmented sample, on the host."""
 
   def __init__(self, volumes: Sequence[tuple[np.ndarray, np.ndarray]], crop_size: Sequence[int],
-               scale_range: tuple[float, float], flip_axes: Sequence[int]):
+               scale_range: tuple[float, float], flip_axes: Sequence[int],
+               masks: Sequence[np.ndarray] | None = None):
     super().__init__([image.shape for image, _ in volumes], crop_size, scale_range, flip_axes,
                      shard_index=0, shard_count=1)
     self.volumes = volumes
+    self.masks = masks
 
   def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """-> {"image": (*crop_size, 1) float32, "label": (*crop_size) int32}."""
+    """-> {"image": (*crop_size, 1) float32, "label": (*crop_size) int32}, and with masks
+    {"mask": (*crop_size) int32, one of the case's masks cropped and flipped as the label
+    (zeros when it has none), "has_mask": () bool}."""
     z, scale, origin, flips = self.draw(index, rng)
     image, label = self.volumes[index]
+    mask = None
+    if self.masks is not None and len(self.masks[index]):
+      # Drawn after the crop's parameters, so the image and label stream is the same with
+      # or without masks.
+      mask = self.masks[index][rng.integers(len(self.masks[index]))]
     if z is not None:
       image, label = self.slice.apply(image, label, z)
+      mask = None if mask is None else mask[..., z]
+    if mask is not None:   # the label's own resampling (nearest) and flips
+      _, mask = self.crop.apply(image, mask, scale, origin)
+      _, mask = self.flip.apply(image, mask, flips)
     image, label = self.crop.apply(image, label, scale, origin)
     image, label = self.flip.apply(image, label, flips)
-    return {"image": np.ascontiguousarray(image[..., None]),
-            "label": label.astype(np.int32)}
+    sample = {"image": np.ascontiguousarray(image[..., None]), "label": label.astype(np.int32)}
+    if self.masks is not None:
+      sample["mask"] = (np.zeros(label.shape, np.int32) if mask is None
+                        else mask.astype(np.int32))
+      sample["has_mask"] = np.bool_(mask is not None)
+    return sample
 
 
 def shard_cases(cases: Sequence[Any], shard_index: int, shard_count: int) -> list[Any]:
@@ -223,7 +240,8 @@ def train_dataset(cases: Sequence[PreprocessedCase], *, crop_size: Sequence[int]
                   flip_axes: Sequence[int] | None = None,
                   shard_index: int | None = None, shard_count: int | None = None,
                   num_workers: int = 0, num_threads: int = 4,
-                  output: Literal["crops", "params"] = "crops") -> grain.IterDataset:
+                  output: Literal["crops", "params"] = "crops",
+                  masks: Sequence[np.ndarray] | None = None) -> grain.IterDataset:
   """An infinite stream of augmented training batches from this process's shard of `cases`.
 
   Each epoch visits every case of the shard once, in a shuffled order that changes per epoch;
@@ -246,6 +264,11 @@ def train_dataset(cases: Sequence[PreprocessedCase], *, crop_size: Sequence[int]
   needs, with grain 0.2.18, parsed absl flags (run under absl.app.run, or call
   absl.flags.FLAGS.mark_as_parsed()); close such iterators (`it.close()`) after use.
   Batches do not depend on num_workers or num_threads.
+
+  masks: per case of `cases`, a (K, X, Y, Z) array of K >= 0 other masks on the case's grid
+  (precomputed segmentations): each sample then also carries one of them, drawn uniformly
+  and cropped, resampled (nearest) and flipped exactly as the label ("mask", "has_mask";
+  output="crops" only).
   """
   if len(crop_size) not in (2, 3):
     raise ValueError(f"crop_size must have 2 (axial slices) or 3 entries, got {crop_size}")
@@ -264,11 +287,20 @@ def train_dataset(cases: Sequence[PreprocessedCase], *, crop_size: Sequence[int]
   if not shard:
     raise ValueError(f"shard {shard_index} of {shard_count} has no cases ({len(cases)} in all)")
   volumes = training_volumes(shard)
+  if masks is not None:
+    if output != "crops" or len(masks) != len(cases):
+      raise ValueError(f"masks need output='crops' and one entry per case ({len(cases)}), got "
+                       f"output={output!r} and {len(masks)}")
+    masks = shard_cases(masks, shard_index, shard_count)
+    for case, m in zip(shard, masks):
+      if len(m) and tuple(m.shape[1:]) != tuple(case.image.shape):
+        raise ValueError(f"case {case.case_id}: masks {m.shape[1:]} do not match its image "
+                         f"{case.image.shape}")
 
   # Mixing the shard into the seed decorrelates the augmentations of different hosts.
   shard_seed = int(np.random.SeedSequence([seed, shard_index]).generate_state(1)[0])
   if output == "crops":
-    sample = _TrainSample(volumes, crop_size, scale_range, flip_axes)
+    sample = _TrainSample(volumes, crop_size, scale_range, flip_axes, masks)
   else:
     sample = _TrainParams([image.shape for image, _ in volumes], crop_size, scale_range,
                           flip_axes, shard_index, shard_count)

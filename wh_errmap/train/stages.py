@@ -10,10 +10,12 @@ import jax
 import ml_collections
 
 from wh_errmap.data import NUM_CLASSES
+from wh_errmap.data.dataset import preprocess_config
 from wh_errmap.data.device_crops import crop_batch, stack_volumes, use_device_data
 from wh_errmap.data.pipeline import train_dataset
 from wh_errmap.errors import UserError
 from wh_errmap.masks import MaskSources, mask_sources
+from wh_errmap.precomputed import training_masks
 from wh_errmap.data.preprocess import PreprocessedCase
 from wh_errmap.models.voxresnet import VoxResNet
 from wh_errmap.train import loop
@@ -41,21 +43,26 @@ def batch_dice(config: ml_collections.ConfigDict, name: str) -> bool:
 
 
 def training_input(config: ml_collections.ConfigDict, cases: Sequence[PreprocessedCase],
-                    crop: tuple[int, ...], batch_size: int, seed: int) -> dict[str, Any]:
+                    crop: tuple[int, ...], batch_size: int, seed: int,
+                    masks: Sequence[Any] | None = None) -> dict[str, Any]:
   """The keyword arguments of loop.train that feed it: dataset, and for crops made on the
   device (use_device_data) device_data and make_batch.
 
   Both paths draw the same cases, crops, flips and scales from the same grain stream; the
   device path receives only those parameters and resamples inside the jitted step.
+  masks: precomputed masks per case (`train_dataset`); they are cropped on the host.
   """
   setting = config.input.get("on_device", False)
   if not isinstance(setting, bool) and setting != "auto":
     raise UserError(f"input.on_device must be 'auto', True or False, got {setting!r}")
-  on_device = use_device_data(setting, cases)
+  if masks is not None and setting is True:
+    raise UserError("input.on_device=True cannot carry precomputed masks "
+                    "(predictor.mask_sources.precomputed): use 'auto' or False")
+  on_device = masks is None and use_device_data(setting, cases)
   dataset = train_dataset(cases, crop_size=crop, batch_size=batch_size, seed=seed,
                           scale_range=config.input.scale_range,
                           num_workers=config.input.num_workers,
-                          output="params" if on_device else "crops")
+                          output="params" if on_device else "crops", masks=masks)
   if not on_device:
     return {"dataset": dataset}
   return {"dataset": dataset, "device_data": stack_volumes(cases),
@@ -119,13 +126,19 @@ def train_predictor(config: ml_collections.ConfigDict,
   tx = make_optimizer(config.optim, schedule.steps, layout.lr_factor)
   rng = jax.random.fold_in(jax.random.key(config.seed), 1000)
   state = create_state(model, tx, (layout.batch, *crop, 1 + NUM_CLASSES), rng, mesh)
-  feed = training_input(config, train_cases, crop, layout.per_process, config.seed + 1000)
+  sources = predictor_mask_sources(config)
+  masks = None
+  if sources.precomputed > 0:   # the fold's training cases only: never a test case's mask
+    masks, line = training_masks(config.predictor.mask_dirs, config.predictor.mask_labels,
+                                 train_cases, preprocess_config(config))
+    progress(line)
+  feed = training_input(config, train_cases, crop, layout.per_process, config.seed + 1000,
+                        masks)
   # The frozen segmentors run inside the predictor's step, on its mesh: their convolutions
   # take the form that partitions over its 'space' axis (same parameters either way).
   seg3d, seg2d = (segmentor_model(config, name, layout.space) for name in SEGMENTORS)
   step = make_predictor_step(model, seg3d, seg2d, config.loss,
-                             config.predictor.gt_probability, NUM_CLASSES,
-                             predictor_mask_sources(config))
+                             config.predictor.gt_probability, NUM_CLASSES, sources)
   frozen = {name: variables for name, (_, variables) in segmentors.items()}
   state = loop.train("predictor", workdir, state=state, step_fn=step, mesh=mesh,
                      num_steps=schedule.steps, seed=config.seed + 1000,

@@ -61,8 +61,9 @@ def make_predictor_step(model: VoxResNet, seg3d: VoxResNet, seg2d: VoxResNet,
   arguments, not constants, and get no gradient: inside the step they generate the 10 auto
   masks of each crop, one mask per sample is picked (or the ground truth), and the
   predictor learns its error map `mask != label`. With `sources.perturbed` > 0, each
-  sample instead takes a perturbed ground truth with probability `sources.perturbed_share`
-  (the segmentors are not run at all when their weight is 0).
+  sample instead takes a perturbed ground truth with probability `sources.perturbed_share`,
+  and with `sources.precomputed` > 0 the batch's "mask" (where "has_mask") with probability
+  `sources.precomputed_share` (the segmentors are not run at all when their weight is 0).
   """
   num_auto = len(AUTO_MASK_TYPES)
 
@@ -70,19 +71,27 @@ def make_predictor_step(model: VoxResNet, seg3d: VoxResNet, seg2d: VoxResNet,
     frozen = jax.lax.stop_gradient(frozen)
     label = batch["label"]
     n = label.shape[0]
-    if sources.perturbed > 0:
+    mixed = sources.perturbed > 0 or sources.precomputed > 0
+    if mixed:
       # Only then is the key split: the segmentor-only step draws exactly as before.
       rng, perturb_rng, share_rng = jax.random.split(rng, 3)
+      draw = jax.random.uniform(share_rng, (n,))
     if sources.segmentors > 0:
       masks = auto_masks((seg3d, frozen["seg3d"]), (seg2d, frozen["seg2d"]), batch["image"])
       mask, choice = pick_masks(masks, label, rng, gt_probability)
     else:
       mask, choice = label.astype(jnp.int32), jnp.full((n,), num_auto, jnp.int32)
-    perturbed = jnp.zeros((n,), bool)
+    per_sample = (n, *([1] * (label.ndim - 1)))
+    perturbed = precomputed = jnp.zeros((n,), bool)
     if sources.perturbed > 0:
-      perturbed = jax.random.uniform(share_rng, (n,)) < sources.perturbed_share
+      perturbed = draw < sources.perturbed_share
       synthetic = perturbed_masks(label, perturb_rng, sources.perturbations, num_classes)
-      mask = jnp.where(perturbed.reshape(n, *([1] * (label.ndim - 1))), synthetic, mask)
+      mask = jnp.where(perturbed.reshape(per_sample), synthetic, mask)
+    if sources.precomputed > 0:
+      low = sources.perturbed_share
+      precomputed = ((draw >= low) & (draw < low + sources.precomputed_share)
+                     & batch["has_mask"])
+      mask = jnp.where(precomputed.reshape(per_sample), batch["mask"], mask)
     inputs = predictor_input(batch["image"], mask, num_classes)
     error = (mask != label).astype(jnp.float32)
 
@@ -93,9 +102,11 @@ def make_predictor_step(model: VoxResNet, seg3d: VoxResNet, seg2d: VoxResNet,
 
     (_, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     aux = {**aux, "true_error_rate": error.mean(),
-           "gt_fraction": ((choice == num_auto) & ~perturbed).mean()}
+           "gt_fraction": ((choice == num_auto) & ~perturbed & ~precomputed).mean()}
     if sources.perturbed > 0:
       aux["perturbed_fraction"] = perturbed.mean()
+    if sources.precomputed > 0:
+      aux["precomputed_fraction"] = precomputed.mean()
     return state.apply_gradients(grads, batch_stats), aux
 
   return train_step
