@@ -268,6 +268,19 @@ def test_qc_statistics_in_the_report(run):
         k: pytest.approx(v) for k, v in conformal.cross_fitted_coverage(pairs, 0.1).items()
         if k in ("n", "coverage", "mean_bound", "mean_width")}
   assert "### Per-case lower bounds on the true Dice (90%), across folds" in report
+  # Recalibration on the other folds, scored against the same true Dice as the raw value.
+  raw, fitted = qc["recalibration"]
+  assert raw["pcc"] == pytest.approx(rows["pd_mean"]["pcc"]) and raw["n"] == fitted["n"]
+  assert "recalibrated on the other folds" in fitted["estimate"]
+  recal = report_qc.recalibrated_mean_dice(records)
+  k = sorted(records)[0]
+  others = [r for j in records if j != k for r in records[j] if r["mask_type"] != "gt"]
+  g = conformal.fit_recalibration(np.array([r["pd_mean"] for r in others]),
+                                  np.array([r["seg_dsc"] for r in others]))
+  own = [r["pd_mean"] for r in records[k] if r["mask_type"] != "gt"]
+  np.testing.assert_allclose(recal[k], g(np.array(own)))
+  assert (workdir / "report" / "recalibration.png").stat().st_size > 0
+  assert "![Predicted and recalibrated Dice](recalibration.png)" in report
   # The same pairs (QI, Dice of the auto masks) in both files: the same numbers.
   qi_stats = json.loads((workdir / "report" / "qi_stats.json").read_text())
   assert qi_stats["auto"]["dsc"]["pcc"] == pytest.approx(rows["qi"]["pcc"], rel=1e-12)

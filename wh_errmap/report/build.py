@@ -34,6 +34,9 @@ CAPTIONS = {
                          "quality score (dashed: softmax baseline; black: perfect ordering).",
     "reliability.png": "Reliability diagram of the voxel error probabilities (10 bins): "
                        "observed error rate against predicted probability, with the ECE.",
+    "recalibration.png": "Left: mean Dice of the auto masks, predicted and recalibrated "
+                         "(isotonic fit on the other folds), against the true Dice. Right: "
+                         "their risk-coverage curves.",
     "training_curves.png": "Training loss against step of the 3D and 2D segmentors and the "
                            "error-map predictor, one line per fold.",
 }
@@ -117,6 +120,8 @@ def _markdown(workdir: Path, folds: Sequence[Fold], table1_md: str, qi_md: str,
   lines += _figure("qi_vs_dsc.png", "QI vs true Dice")
   lines += _figure("risk_coverage.png", "Risk-coverage curves")
   lines += _figure("reliability.png", "Calibration of the error probabilities")
+  if (workdir / "report" / "recalibration.png").exists():
+    lines += _figure("recalibration.png", "Predicted and recalibrated Dice")
   if panels_drawn:
     lines += _figure("error_panels.png", "Error maps of representative cases")
   else:
@@ -169,6 +174,8 @@ def build_report(workdir: str | Path, num_folds: int = 5, threshold: float = 0.5
   write_text(out / "qc_stats.md", qc_md)
   qc.risk_coverage_figure(records, out / "risk_coverage.png")
   qc.reliability_figure(qc.add_bins(list(bins.values())), out / "reliability.png")
+  if not qc.recalibration_figure({f.index: f.records for f in used}, out / "recalibration.png"):
+    (out / "recalibration.png").unlink(missing_ok=True)
 
   figures.dsc_histogram(records, out / "dsc_histogram.png")
   figures.qi_vs_acc(records, stats["all"], out / "qi_vs_acc.png")

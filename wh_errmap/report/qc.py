@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from wh_errmap.conformal import cross_fitted_coverage, cross_fold_coverage
+from wh_errmap.conformal import cross_fitted_coverage, cross_fold_coverage, fit_recalibration
 from wh_errmap.data.nifti_io import STRUCTURES
 from wh_errmap.qc_metrics import (aurc, correlations, e_aurc, expected_calibration_error,
                                   failure_auroc, reliability_curve, risk_coverage)
@@ -112,6 +112,47 @@ def conformal_table(records_by_fold: Mapping[int, Sequence[Mapping[str, Any]]],
   return rows
 
 
+def recalibrated_mean_dice(records_by_fold: Mapping[int, Sequence[Mapping[str, Any]]]
+                           ) -> dict[int, np.ndarray]:
+  """Per fold, the auto masks' predicted mean Dice mapped by an isotonic fit on the other
+  folds (what `calibrate` does with a user's cases, scored on cases it did not see).
+  Empty with fewer than 2 folds."""
+  folds = sorted(records_by_fold)
+  if len(folds) < 2:
+    return {}
+  out = {}
+  for k in folds:
+    others = [r for j in folds if j != k for r in _auto(records_by_fold[j])]
+    try:
+      g = fit_recalibration(_column(others, "pd_mean"), _column(others, "seg_dsc"))
+    except ValueError:   # too few cases
+      return {}
+    out[k] = g(_column(_auto(records_by_fold[k]), "pd_mean"))
+  return out
+
+
+def recalibration_table(records_by_fold: Mapping[int, Sequence[Mapping[str, Any]]],
+                        failure_dice: float) -> list[dict]:
+  """The predicted mean Dice against the same recalibrated on the other folds: PCC, MAE,
+  AURC and failure AUROC against the true Dice, pooled over folds."""
+  recalibrated = recalibrated_mean_dice(records_by_fold)
+  if not recalibrated:
+    return []
+  folds = sorted(recalibrated)
+  dice = np.concatenate([_column(_auto(records_by_fold[k]), "seg_dsc") for k in folds])
+  rows = []
+  for label, estimate in (
+      ("predicted Dice", np.concatenate([_column(_auto(records_by_fold[k]), "pd_mean")
+                                         for k in folds])),
+      ("predicted Dice, recalibrated on the other folds (isotonic)",
+       np.concatenate([recalibrated[k] for k in folds]))):
+    corr = correlations(estimate, dice)
+    rows.append({"estimate": label, "n": corr["n"], "pcc": corr["pcc"], "mae": corr["mae"],
+                 "aurc": aurc(estimate, 1 - dice),
+                 "failure_auroc": failure_auroc(estimate, dice, failure_dice)})
+  return rows
+
+
 def add_bins(bins: Sequence[Mapping[str, Mapping[str, Sequence[float]]]]) -> dict[str, dict]:
   """Sums the calibration bins of several folds, per source."""
   total: dict[str, dict[str, np.ndarray]] = {}
@@ -149,6 +190,7 @@ def qc_statistics(records_by_fold: Mapping[int, Sequence[Mapping[str, Any]]],
   result["missing_calibration"] = sorted(k for k in records_by_fold if k not in bins_by_fold)
   result["dice_bounds"] = {"alpha": CONFORMAL_ALPHA,
                            "structures": conformal_table(records_by_fold, CONFORMAL_ALPHA)}
+  result["recalibration"] = recalibration_table(records_by_fold, failure_dice)
   return result
 
 
@@ -196,6 +238,15 @@ def qc_markdown(stats: Mapping[str, Any], paper_pcc_qi_dsc: float = 0.856) -> st
   if stats["missing_calibration"]:
     lines += ["", f"Folds without calibration.json: {stats['missing_calibration']}."]
   lines += _bounds_markdown(stats.get("dice_bounds"))
+  if stats.get("recalibration"):
+    lines += ["", "### Recalibrated predicted Dice, across folds", "",
+              "The mean predicted Dice of each fold's auto masks mapped by an isotonic fit "
+              "(predicted to true Dice) on the other folds, as `calibrate` does with a user's "
+              "labelled cases; figure `recalibration.png`.", ""]
+    lines += _md_table(("estimate", "n", "PCC with Dice", "MAE", "AURC", "failure AUROC"),
+                       [(r["estimate"], str(r["n"]), _n(r["pcc"]), _n(r["mae"]),
+                         _n(r["aurc"], 4), _n(r["failure_auroc"])) for r in
+                        stats["recalibration"]])
   for fold, tables in stats["folds"].items():
     lines += ["", f"### Fold {fold}: quality scores", ""]
     lines += _md_table(("score", "PCC with Dice", "AURC", "e-AURC", "failure AUROC"),
@@ -244,6 +295,35 @@ def risk_coverage_figure(records: Sequence[Mapping[str, Any]], path: Path) -> No
   ax.set_ylabel("selective risk (mean 1 - Dice of accepted)")
   ax.legend(fontsize=7)
   save_figure(fig, path)
+
+
+def recalibration_figure(records_by_fold: Mapping[int, Sequence[Mapping[str, Any]]],
+                         path: Path) -> bool:
+  """Predicted and recalibrated mean Dice against the true Dice, and their risk-coverage
+  curves; False (nothing drawn) with fewer than 2 folds."""
+  recalibrated = recalibrated_mean_dice(records_by_fold)
+  if not recalibrated:
+    return False
+  folds = sorted(recalibrated)
+  dice = np.concatenate([_column(_auto(records_by_fold[k]), "seg_dsc") for k in folds])
+  raw = np.concatenate([_column(_auto(records_by_fold[k]), "pd_mean") for k in folds])
+  fitted = np.concatenate([recalibrated[k] for k in folds])
+  fig = Figure(figsize=(9, 4))
+  ax, bx = fig.subplots(1, 2)
+  ax.plot([0, 1], [0, 1], color="k", linewidth=0.8)
+  ax.scatter(raw, dice, s=10, label="predicted Dice")
+  ax.scatter(fitted, dice, s=10, marker="x", label="recalibrated (other folds)")
+  ax.set_xlabel("estimated mean Dice")
+  ax.set_ylabel("true mean Dice")
+  ax.legend(fontsize=7)
+  for label, estimate in (("predicted", raw), ("recalibrated", fitted)):
+    coverage, risk = risk_coverage(estimate, 1 - dice)
+    bx.plot(coverage, risk, label=f"{label} (AURC {aurc(estimate, 1 - dice):.4f})")
+  bx.set_xlabel("coverage")
+  bx.set_ylabel("selective risk (1 - Dice)")
+  bx.legend(fontsize=7)
+  save_figure(fig, path)
+  return True
 
 
 def reliability_figure(bins: Mapping[str, Mapping[str, np.ndarray]], path: Path) -> None:
