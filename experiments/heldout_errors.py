@@ -12,7 +12,8 @@ For one fold (`--fold`, default 0) at the settings of cv_fold_small:
   4. both predictors evaluated on the held-out segmentors' 10 masks of every test case and
      on their own segmentors' masks.
 Writes WORKDIR/heldout_errors.json and .md: error-map DSC, PCC(predicted Dice, Dice) and
-PCC(QI, Acc) of each predictor on each kind of mask.
+PCC(QI, Acc) of each predictor on each kind of mask; with `study.run`, also
+RUN/heldout_errors-fold{k}-w{weight}.md, which the run's report includes.
 """
 from __future__ import annotations
 
@@ -116,5 +117,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     lines.append(f"| {r['predictor']} | {r['masks']} | {r['n']} | {r['seg_dsc']:.3f} | "
                  f"{r['err_dsc']:.3f} | {r['pcc_pd_dice']:.3f} | {r['mae_pd_dice']:.3f} | "
                  f"{r['pcc_qi_acc']:.3f} |")
-  write_text(workdir / "heldout_errors.md", "\n".join(lines) + "\n")
+  text = "\n".join(lines) + "\n"
+  write_text(workdir / "heldout_errors.md", text)
+  if config.study.run:   # the run's report (cv_report) shows it in "Beyond the paper"
+    weight = f"{config.study.perturbed_weight:g}".replace(".", "p")
+    write_text(Path(config.study.run) / f"heldout_errors-fold{k}-w{weight}.md",
+               f"Perturbed weight {config.study.perturbed_weight:g} (segmentors 1).\n\n{text}")
   console(json.dumps(list(results.values()), indent=1))

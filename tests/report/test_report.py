@@ -286,6 +286,15 @@ def test_qc_statistics_in_the_report(run):
   assert qi_stats["auto"]["dsc"]["pcc"] == pytest.approx(rows["qi"]["pcc"], rel=1e-12)
 
 
+def test_heldout_error_studies_of_a_run_are_in_its_report(tmp_path):
+  make_run(tmp_path)
+  (tmp_path / "heldout_errors-fold0-w0p25.md").write_text("| study table 0.25 |\n")
+  build_report(tmp_path, num_folds=5)
+  report = (tmp_path / "report" / "report.md").read_text()
+  beyond = report.index("## Beyond the paper")
+  assert beyond < report.index("| study table 0.25 |") < report.index("## Figures")
+
+
 def test_qi_and_qc_statistics_share_one_correlation():
   # qi_stats.json comes from tables.qi_scope, qc_stats.json from report.qc; both must use
   # qc_metrics.correlations, so equal pairs give equal PCC, p-value and MAE.

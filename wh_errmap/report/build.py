@@ -113,8 +113,17 @@ def _markdown(workdir: Path, folds: Sequence[Fold], table1_md: str, qi_md: str,
             "QI = 1 - fraction of voxels predicted wrong estimates the mask's voxel accuracy "
             "without ground truth. Pearson correlation (PCC, two-sided p) and mean absolute "
             "error (MAE). Also in `qi_stats.json`.", "", qi_md,
-            qc_md, "Also in `qc_stats.json`.", "",
-            "## Figures", ""]
+            qc_md, "Also in `qc_stats.json`.", ""]
+  studies = sorted(workdir.glob("heldout_errors-*.md"))
+  if studies:
+    lines += ["### Mask sources: errors that no predictor saw", "",
+              "From `--experiment=heldout_errors --set=study.run=...` on this run: a "
+              "predictor trained on the segmentors' masks alone and one that also trains on "
+              "perturbed ground truth, each scored on masks of its own segmentors and of "
+              "held-out segmentors trained another way.", ""]
+    for path in studies:
+      lines += [f"`{path.name}`:", "", path.read_text().strip(), ""]
+  lines += ["## Figures", ""]
   lines += _figure("dsc_histogram.png", "Dice of the generated masks")
   lines += _figure("qi_vs_acc.png", "QI vs true accuracy")
   lines += _figure("qi_vs_dsc.png", "QI vs true Dice")
