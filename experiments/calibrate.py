@@ -24,7 +24,6 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
-from matplotlib.figure import Figure
 
 from . import base
 from wh_errmap import qc
@@ -37,9 +36,9 @@ from wh_errmap.model_file import load_model
 from wh_errmap.predict import pair_folder
 from wh_errmap.predictor import export_predictor, load_predictor, load_predictor_file
 from wh_errmap.progress import console
-from wh_errmap.qc_metrics import aurc, correlations, failure_auroc, risk_coverage
+from wh_errmap.qc_metrics import aurc, correlations, failure_auroc
 from wh_errmap.report.build import data_source
-from wh_errmap.report.figures import save_figure
+from wh_errmap.report.qc import estimate_figure
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -151,8 +150,9 @@ def _report(folder: Path, cases, predicted, true, calibration, sweep, failure_di
   """calibration.md / .json and two figures; returns the mean Dice's raw and LOO scores."""
   method = calibration.method
   pred, truth = predicted[MEAN], true[MEAN]
-  loo = (pred if method == "none" else leave_one_out_recalibrated(pred, truth, method)
-         if np.sum(~np.isnan(pred) & ~np.isnan(truth)) > 3 else pred)
+  # The calibration's own rule: a map only with more than MIN_RECALIBRATION_CASES cases.
+  loo = (leave_one_out_recalibrated(pred, truth, method) if MEAN in calibration.recalibration
+         else pred)
 
   def scores(estimate):
     c = correlations(estimate, truth)
@@ -170,21 +170,8 @@ def _report(folder: Path, cases, predicted, true, calibration, sweep, failure_di
                                                                   truth.tolist())]}
   folder.mkdir(parents=True, exist_ok=True)
   write_json(folder / "calibration.json", summary)
-  fig = Figure(figsize=(9, 4))
-  ax, bx = fig.subplots(1, 2)
-  ax.plot([0, 1], [0, 1], color="k", linewidth=0.8)
-  ax.scatter(pred, truth, label="predicted Dice", s=14)
-  ax.scatter(loo, truth, label="calibrated (leave-one-out)", s=14, marker="x")
-  ax.set_xlabel("estimated mean Dice")
-  ax.set_ylabel("true mean Dice")
-  ax.legend(fontsize=7)
-  for label, estimate in (("predicted", pred), ("calibrated", loo)):
-    coverage, risk = risk_coverage(estimate, 1 - truth)
-    bx.plot(coverage, risk, label=f"{label} (AURC {aurc(estimate, 1 - truth):.4f})")
-  bx.set_xlabel("coverage")
-  bx.set_ylabel("selective risk (1 - Dice)")
-  bx.legend(fontsize=7)
-  save_figure(fig, folder / "reliability_risk_coverage.png")
+  estimate_figure(pred, loo, truth, "calibrated (leave-one-out)",
+                  folder / "reliability_risk_coverage.png")
   level = 1 - calibration.bounds.alpha
   lines = [f"# Calibration on {len(cases)} labelled cases", "",
            f"Error threshold: {calibration.threshold:g} (best pooled error-map Dice). "

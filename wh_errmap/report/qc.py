@@ -131,21 +131,32 @@ def recalibrated_mean_dice(records_by_fold: Mapping[int, Sequence[Mapping[str, A
   return out
 
 
+def _recalibrated_columns(records_by_fold: Mapping[int, Sequence[Mapping[str, Any]]]
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+  """(true, predicted, recalibrated) mean Dice of the auto masks, pooled over folds in
+  order; None when `recalibrated_mean_dice` has nothing."""
+  recalibrated = recalibrated_mean_dice(records_by_fold)
+  if not recalibrated:
+    return None
+  folds = sorted(recalibrated)
+  auto = [_auto(records_by_fold[k]) for k in folds]
+  return (np.concatenate([_column(a, "seg_dsc") for a in auto]),
+          np.concatenate([_column(a, "pd_mean") for a in auto]),
+          np.concatenate([recalibrated[k] for k in folds]))
+
+
 def recalibration_table(records_by_fold: Mapping[int, Sequence[Mapping[str, Any]]],
                         failure_dice: float) -> list[dict]:
   """The predicted mean Dice against the same recalibrated on the other folds: PCC, MAE,
   AURC and failure AUROC against the true Dice, pooled over folds."""
-  recalibrated = recalibrated_mean_dice(records_by_fold)
-  if not recalibrated:
+  columns = _recalibrated_columns(records_by_fold)
+  if columns is None:
     return []
-  folds = sorted(recalibrated)
-  dice = np.concatenate([_column(_auto(records_by_fold[k]), "seg_dsc") for k in folds])
+  dice, raw, fitted = columns
   rows = []
   for label, estimate in (
-      ("predicted Dice", np.concatenate([_column(_auto(records_by_fold[k]), "pd_mean")
-                                         for k in folds])),
-      ("predicted Dice, recalibrated on the other folds (isotonic)",
-       np.concatenate([recalibrated[k] for k in folds]))):
+      ("predicted Dice", raw),
+      ("predicted Dice, recalibrated on the other folds (isotonic)", fitted)):
     corr = correlations(estimate, dice)
     rows.append({"estimate": label, "n": corr["n"], "pcc": corr["pcc"], "mae": corr["mae"],
                  "aurc": aurc(estimate, 1 - dice),
@@ -301,29 +312,33 @@ def recalibration_figure(records_by_fold: Mapping[int, Sequence[Mapping[str, Any
                          path: Path) -> bool:
   """Predicted and recalibrated mean Dice against the true Dice, and their risk-coverage
   curves; False (nothing drawn) with fewer than 2 folds."""
-  recalibrated = recalibrated_mean_dice(records_by_fold)
-  if not recalibrated:
+  columns = _recalibrated_columns(records_by_fold)
+  if columns is None:
     return False
-  folds = sorted(recalibrated)
-  dice = np.concatenate([_column(_auto(records_by_fold[k]), "seg_dsc") for k in folds])
-  raw = np.concatenate([_column(_auto(records_by_fold[k]), "pd_mean") for k in folds])
-  fitted = np.concatenate([recalibrated[k] for k in folds])
+  dice, raw, fitted = columns
+  estimate_figure(raw, fitted, dice, "recalibrated (other folds)", path)
+  return True
+
+
+def estimate_figure(predicted: np.ndarray, calibrated: np.ndarray, truth: np.ndarray,
+                    calibrated_label: str, path: Path) -> None:
+  """Left: predicted and calibrated mean Dice against the true Dice; right: their
+  risk-coverage curves with AURC (also `calibrate`'s report figure)."""
   fig = Figure(figsize=(9, 4))
   ax, bx = fig.subplots(1, 2)
   ax.plot([0, 1], [0, 1], color="k", linewidth=0.8)
-  ax.scatter(raw, dice, s=10, label="predicted Dice")
-  ax.scatter(fitted, dice, s=10, marker="x", label="recalibrated (other folds)")
+  ax.scatter(predicted, truth, s=10, label="predicted Dice")
+  ax.scatter(calibrated, truth, s=10, marker="x", label=calibrated_label)
   ax.set_xlabel("estimated mean Dice")
   ax.set_ylabel("true mean Dice")
   ax.legend(fontsize=7)
-  for label, estimate in (("predicted", raw), ("recalibrated", fitted)):
-    coverage, risk = risk_coverage(estimate, 1 - dice)
-    bx.plot(coverage, risk, label=f"{label} (AURC {aurc(estimate, 1 - dice):.4f})")
+  for label, estimate in (("predicted", predicted), (calibrated_label, calibrated)):
+    coverage, risk = risk_coverage(estimate, 1 - truth)
+    bx.plot(coverage, risk, label=f"{label} (AURC {aurc(estimate, 1 - truth):.4f})")
   bx.set_xlabel("coverage")
   bx.set_ylabel("selective risk (1 - Dice)")
   bx.legend(fontsize=7)
   save_figure(fig, path)
-  return True
 
 
 def reliability_figure(bins: Mapping[str, Mapping[str, np.ndarray]], path: Path) -> None:
