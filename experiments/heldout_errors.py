@@ -53,10 +53,10 @@ def _summary(records: list[dict[str, Any]]) -> dict[str, float]:
   def column(field):
     return np.array([r[field] for r in auto], np.float64)
 
+  dice = correlations(column("pd_mean"), column("seg_dsc"))
   return {"n": len(auto), "seg_dsc": float(np.mean(column("seg_dsc"))),
           "err_dsc": float(np.nanmean(column("err_dsc"))),
-          "pcc_pd_dice": correlations(column("pd_mean"), column("seg_dsc"))["pcc"],
-          "mae_pd_dice": correlations(column("pd_mean"), column("seg_dsc"))["mae"],
+          "pcc_pd_dice": dice["pcc"], "mae_pd_dice": dice["mae"],
           "pcc_qi_acc": correlations(column("qi"), column("true_acc"))["pcc"]}
 
 
