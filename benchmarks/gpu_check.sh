@@ -100,7 +100,7 @@ if ((dry_run)); then
   mode=dry-run
   num_cases=5   # the fewest that split into 5 folds
   cv_steps="${CV_STEPS:-4}"
-  tests=(tests/test_benchmark.py -k "peak_flops or table_shows or small_preset")
+  tests=(tests/throughput/test_throughput.py -k "peak_flops or table_shows or small_preset")
   # XLA's convolution (the GPU's) compiles 2-3x faster than the CPU's matmul form.
   tiny=(--set model.width1=4 --set model.width2=8 --set model.num_voxres=1 --set model.conv_impl=xla
         --set 'input.crop_3d=(16,16,16)' --set 'input.crop_2d=(16,16)'
@@ -115,8 +115,9 @@ if ((dry_run)); then
 else
   mode=gpu
   num_cases=20  # the paper's; generating + preprocessing them takes ~35 s on one core
-  tests=(tests/models/test_voxresnet.py tests/test_losses.py tests/test_masks.py
-         tests/train/test_training.py tests/test_benchmark.py tests/test_torch_reference.py
+  tests=(tests/models/test_voxresnet.py tests/train/test_losses.py tests/train/test_masks.py
+         tests/train/test_training.py tests/throughput/test_throughput.py
+         tests/benchmarks/test_torch_reference.py
          --deselect tests/train/test_training.py::test_paper_batch_on_8_devices_matches_one_device)
   bench_sets=(--set benchmark.warmup=3 --set benchmark.iters=20)
   data_sets=()

@@ -16,17 +16,18 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-MODELS = ("seg3d", "seg2d", "predictor")
-DTYPES = ("bfloat16", "float32")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # when run as a script
+from benchmarks.gpu_check_markdown import DTYPES, GPU_COUNTS, MODELS, finite, markdown  # noqa: E402
+
 TRAIN_STEPS = ("seg3d_train", "seg2d_train", "predictor_train")
 TITLES = {"seg3d_train": "3D segmentor train step", "seg2d_train": "2D segmentor train step",
           "predictor_train": "predictor train step (+ masks)", "inference": "inference per case",
           "qc": "QC per case (error map + QI)", "input": "input stream (3D crops)"}
-GPU_COUNTS = (1, 2, 5)
 # Targets of the GPU work: JAX / PyTorch throughput of every training step, the 3D step's
 # fraction of the bf16 dense peak, and the latency of QC of one case.
 MIN_RATIO = 1.3
@@ -53,10 +54,6 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
     except ValueError:
       pass   # a line cut short by a stopped phase
   return rows
-
-
-def _finite(value: Any) -> float | None:
-  return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def tests_summary(scratch: Path, phase: dict[str, Any] | None) -> dict[str, Any]:
@@ -90,20 +87,20 @@ def benchmark_summary(bench: dict[str, Any] | None) -> dict[str, Any]:
   torch_by_step = {(r["config"], r["step"]): r for r in reference.get("results", [])}
   rows = []
   for r in bench["results"]:
-    seconds = _finite(r["seconds_per_iter"])
+    seconds = finite(r["seconds_per_iter"])
     other = torch_by_step.get((r["config"], r["step"]))
-    torch_seconds = _finite(other["seconds_per_iter"]) if other else None
-    fraction = _finite(r.get("fraction_of_peak"))
+    torch_seconds = finite(other["seconds_per_iter"]) if other else None
+    fraction = finite(r.get("fraction_of_peak"))
     rows.append({
         "config": r["config"], "step": r["step"], "title": TITLES.get(r["step"], r["step"]),
         "batch": r["batch"], "ms": None if seconds is None else 1e3 * seconds,
-        "samples_per_s": _finite(r.get("samples_per_s")),
-        "tflop_per_s": None if r.get("flops_per_s") is None else _finite(r["flops_per_s"] / 1e12),
+        "samples_per_s": finite(r.get("samples_per_s")),
+        "tflop_per_s": None if r.get("flops_per_s") is None else finite(r["flops_per_s"] / 1e12),
         "percent_peak": None if fraction is None else 100 * fraction,
         "memory_gb": None if r.get("footprint_bytes") is None else r["footprint_bytes"] / 1e9,
         "torch_ms": None if torch_seconds is None else 1e3 * torch_seconds,
         "jax_over_torch": (torch_seconds / seconds if torch_seconds and seconds else None),
-        "input_bound": _finite(r.get("input_bound")),
+        "input_bound": finite(r.get("input_bound")),
         "note": r.get("note", "")})
   if reference.get("timed_out_after_s"):
     note = f"stopped at its time limit ({reference['timed_out_after_s']:.0f} s)"
@@ -165,7 +162,7 @@ def model_throughput(rows: list[dict[str, Any]], batch: int | None) -> dict[str,
   return {"steps": last["step"], "steps_per_s": steps_per_s,
           "samples_per_s": None if batch is None else steps_per_s * batch,
           "first_step_s": rows[0]["time_s"], "train_s": last["time_s"],
-          "final_loss": _finite(last.get("loss"))}
+          "final_loss": finite(last.get("loss"))}
 
 
 def _mtime(path: Path) -> float | None:
@@ -220,8 +217,8 @@ def quality(segmentors: dict[str, Any] | None, records: list[dict] | None) -> di
   if segmentors:
     for name in ("seg3d", "seg2d"):
       outputs = segmentors.get(name, {})
-      out[f"{name}_final_dsc"] = _finite(outputs.get("final", {}).get("dsc"))
-      sides = [_finite(v.get("dsc")) for k, v in outputs.items() if k != "final"]
+      out[f"{name}_final_dsc"] = finite(outputs.get("final", {}).get("dsc"))
+      sides = [finite(v.get("dsc")) for k, v in outputs.items() if k != "final"]
       out[f"{name}_side_dsc_mean"] = (statistics.fmean(sides) if sides and None not in sides
                                       else None)
   if records:
@@ -230,8 +227,8 @@ def quality(segmentors: dict[str, Any] | None, records: list[dict] | None) -> di
     qi = [r["qi"] for r in records]
     out.update({
         "masks": len(records),
-        "err_dsc_auto": _finite(statistics.fmean(r["err_dsc"] for r in auto)) if auto else None,
-        "err_dsc_gt": _finite(statistics.fmean(r["err_dsc"] for r in gt)) if gt else None,
+        "err_dsc_auto": finite(statistics.fmean(r["err_dsc"] for r in auto)) if auto else None,
+        "err_dsc_gt": finite(statistics.fmean(r["err_dsc"] for r in gt)) if gt else None,
         "pcc_qi_acc": _pearson(qi, [r["true_acc"] for r in records]),
         "pcc_qi_dsc": _pearson(qi, [r["seg_dsc"] for r in records]),
         "mae_qi_acc": statistics.fmean(abs(r["qi"] - r["true_acc"]) for r in records),
@@ -271,115 +268,6 @@ def projection(run: dict[str, Any], settings: dict[str, Any], data_s: float | No
           "data_s": data, "wall_s_by_gpus": {str(n): data + math.ceil(folds / n) * per_fold
                                              for n in GPU_COUNTS},
           "evaluation_measured": run["evaluation_s"] is not None}
-
-
-def _f(value: Any, digits: int = 1, scale: float = 1.0) -> str:
-  value = _finite(value)
-  return "-" if value is None else f"{value / scale:.{digits}f}"
-
-
-def _duration(seconds: float | None) -> str:
-  if seconds is None:
-    return "-"
-  hours, rest = divmod(int(round(seconds)), 3600)
-  return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
-
-
-def markdown(summary: dict[str, Any]) -> str:
-  env = summary["benchmark"]["environment"] or {}
-  lines = [f"# gpu_check ({summary['mode']})", ""]
-  if env:
-    lines.append(f"{env.get('device_count')} x {env.get('device_kind')} ({env.get('backend')}), "
-                 f"jax {env.get('jax')}, Python {env.get('python')}, commit "
-                 f"{env.get('commit')}, {env.get('date')}; benchmark compute dtype "
-                 f"{env.get('dtype')}.")
-  if summary["mode"] == "dry-run":
-    lines.append("Dry run: the CPU at tiny sizes; the numbers only exercise the check.")
-  lines += ["", "## Phases", "", "| phase | status | seconds | note |", "|---|---|---|---|"]
-  lines += [f"| {p['phase']} | {p['status']} | {p['seconds']} | {p['note']} |"
-            for p in summary["phases"]]
-  t = summary["tests"]
-  lines += ["", "## Tests", ""]
-  if t["tests"] is None:
-    lines.append(f"No test report ({t['status']}).")
-  else:
-    lines.append(f"{t['passed']} passed, {t['failures']} failed, {t['errors']} errors, "
-                 f"{t['skipped']} skipped ({t['out_of_time']} for lack of time) of "
-                 f"{t['tests']} in {t['seconds']:.1f} s ({t['status']}); -x stops at the "
-                 f"first failure.")
-    lines += [f"- failed: {name}" for name in t["failed_tests"]]
-
-  b = summary["benchmark"]
-  lines += ["", "## Benchmark (paper size)", "", f"PyTorch reference: {b['reference']}.", "",
-            "| step | batch | ms/step | samples/s | TFLOP/s | % peak | memory GB | input-bound "
-            "| PyTorch ms | JAX / PyTorch |", "|---|---|---|---|---|---|---|---|---|---|"]
-  for r in b["rows"]:
-    note = f" ({r['note']})" if r["note"] else ""
-    lines.append(f"| {r['title']}{note} | {r['batch']} | {_f(r['ms'])} | "
-                 f"{_f(r['samples_per_s'], 2)} | {_f(r['tflop_per_s'], 2)} | "
-                 f"{_f(r['percent_peak'])} | {_f(r['memory_gb'], 2)} | "
-                 f"{_f(r['input_bound'], 2)} | {_f(r['torch_ms'])} | "
-                 f"{_f(r['jax_over_torch'], 2)} |")
-  lines += ["", "input-bound: the step's samples/s over those of the input stream that feeds "
-            "it (above 1 the step waits for its input).", "", "Targets:", ""]
-  for target in summary["targets"]:
-    note = f" ({target['note']})" if target["note"] else ""
-    lines.append(f"- **{target['status']}** {target['target']}: {_f(target['value'], 2)}{note}")
-
-  lines += ["", "## Training throughput (short cv_fold, fold 0)", "",
-            "| dtype | model | steps | steps/s | samples/s | first step incl. compile s | "
-            "final loss |", "|---|---|---|---|---|---|---|"]
-  for dtype, run in summary["cv"].items():
-    for name in MODELS:
-      m = run["models"][name]
-      if m is None:
-        lines.append(f"| {dtype} | {name} | - | - | - | - | - |")
-      else:
-        lines.append(f"| {dtype} | {name} | {m['steps']} | {_f(m['steps_per_s'], 2)} | "
-                     f"{_f(m['samples_per_s'], 1)} | {_f(m['first_step_s'])} | "
-                     f"{_f(m['final_loss'], 4)} |")
-  lines.append("")
-  for dtype, run in summary["cv"].items():
-    lines.append(f"- {dtype}: segmentor scoring {_f(run['segmentor_scoring_s'])} s, evaluation "
-                 f"of the test masks {_f(run['evaluation_s'])} s (incl. compilation).")
-  if summary.get("input_bound"):
-    lines.append(f"- {summary['input_bound']}")
-
-  lines += ["", "## Projected full 5-fold run at the paper's settings", ""]
-  p = summary["projection"]
-  if p is None:
-    lines.append("Not available: a model has no throughput in the bf16 run or the benchmark.")
-  else:
-    from_bench = [m for m, source in p["sources"].items() if source == "benchmark"]
-    lines += [f"From the bf16 run: {p['steps_per_model']} steps per model per fold at the "
-              f"measured steps/s, plus each model's compilation and the evaluation "
-              f"({_f(p['evaluation_per_fold_s'])} s per fold"
-              f"{'' if p['evaluation_measured'] else ', not measured: left out'}), data "
-              f"preparation once ({_f(p['data_s'])} s)."
-              + (f" {', '.join(from_bench)}: the benchmark's step time instead (the short run "
-                 f"did not train it), without input stream or compilation." if from_bench
-                 else ""), "",
-              "| per fold | " + " | ".join(f"{n} GPU(s), folds in parallel" if n > 1
-                                          else "1 GPU, folds in sequence" for n in GPU_COUNTS)
-              + " |", "|---" * (1 + len(GPU_COUNTS)) + "|",
-              f"| {_duration(p['per_fold_s'])} | " + " | ".join(
-                  _duration(p["wall_s_by_gpus"][str(n)]) for n in GPU_COUNTS) + " |", "",
-              "Folds in parallel assume the host's CPUs feed one input stream per GPU."]
-
-  lines += ["", "## bf16 vs f32 (short run: quality after a few hundred steps per model)", "",
-            "| | 3D final Dice | 2D final Dice | error-map DSC (auto) | error-map DSC (GT) | "
-            "PCC(QI, Acc) | PCC(QI, DSC) | MAE(QI, Acc) | masks |",
-            "|---|---|---|---|---|---|---|---|---|"]
-  for dtype, run in summary["cv"].items():
-    q = run["quality"]
-    lines.append(f"| {dtype} | {_f(q.get('seg3d_final_dsc'), 3)} | "
-                 f"{_f(q.get('seg2d_final_dsc'), 3)} | {_f(q.get('err_dsc_auto'), 3)} | "
-                 f"{_f(q.get('err_dsc_gt'), 3)} | {_f(q.get('pcc_qi_acc'), 3)} | "
-                 f"{_f(q.get('pcc_qi_dsc'), 3)} | {_f(q.get('mae_qi_acc'), 4)} | "
-                 f"{q.get('masks', '-')} |")
-  if any(run["quality"].get("qi_constant") for run in summary["cv"].values()):
-    lines.append("\nA run whose QI is the same for every mask has no PCC ('-').")
-  return "\n".join(lines) + "\n"
 
 
 def input_bound_note(bench: dict[str, Any], cv: dict[str, Any]) -> str:

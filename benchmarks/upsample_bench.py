@@ -20,11 +20,11 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from wh_errmap.models import OUTPUT_NAMES, VoxResNet  # noqa: E402
+from wh_errmap.data.structures import NUM_CLASSES  # noqa: E402
+from wh_errmap.models.voxresnet import OUTPUT_NAMES, VoxResNet  # noqa: E402
 
 FORMS = ("linear", "transpose", "deconv")
 CASES = {"3D 2x64x64x48": (3, (2, 64, 64, 48)), "2D 8x96x96": (2, (8, 96, 96))}
-NUM_CLASSES = 8
 
 
 def make_step(spatial_dims, shape, form):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from wh_errmap import perturbations
+from wh_errmap.train import perturbations
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -19,11 +19,12 @@ from pathlib import Path
 import ml_collections
 
 from . import base
-from wh_errmap import atomic
-from wh_errmap.benchmark import STEPS, Result, StepBench, reference, table
 from wh_errmap.errors import UserError
-from wh_errmap.progress import console
-from wh_errmap.train.state import compute_dtype
+from wh_errmap.models.factory import compute_dtype
+from wh_errmap.throughput import summary, torch_runner
+from wh_errmap.throughput.timing import STEPS, Result, StepBench
+from wh_errmap.utils import atomic
+from wh_errmap.utils.progress import console
 
 PRESETS = ("paper", "small")
 MIN_REFERENCE_S = 30.0   # the PyTorch reference is not started with less time left
@@ -75,7 +76,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
             else math.inf)
 
   dtype = compute_dtype(config.model.dtype)
-  env = table.environment(dtype.name)
+  env = summary.environment(dtype.name)
   console(f"benchmark on {env['device_count']} x {env['device_kind']} ({env['backend']}), "
           f"compute dtype {dtype.name}, {bench.warmup} warm-up + {bench.iters} timed calls")
   results = []
@@ -93,14 +94,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   torch_results, reference_note = None, ""
   if bench.reference == "off":
     reference_note = "off (benchmark.reference)"
-  elif not reference.available():
+  elif not torch_runner.available():
     reference_note = "skipped: torch is not installed (pip install -r benchmarks/requirements.txt)"
   elif time_left() < MIN_REFERENCE_S:
     reference_note = f"skipped: {max(time_left(), 0):.0f} s of the time budget left"
   else:
     console("PyTorch reference (benchmarks/torch_reference.py) on the same configs ...")
     try:
-      torch_results = reference.run(configs, bench.steps, warmup=bench.warmup,
+      torch_results = torch_runner.run(configs, bench.steps, warmup=bench.warmup,
                                     iters=bench.iters, bf16=dtype.name == "bfloat16",
                                     timeout_s=min(time_left(), 3600))
     except RuntimeError as e:
@@ -108,7 +109,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if reference_note:
     console(f"PyTorch reference {reference_note}")
 
-  section = table.markdown(env, results, torch_results, reference_note)
+  section = summary.markdown(env, results, torch_results, reference_note)
   out = Path(workdir)
   atomic.write_json(out / "benchmark.json",
                     {"environment": env, "results": [r.to_json() for r in results],

@@ -26,19 +26,18 @@ import ml_collections
 import numpy as np
 
 from . import base
-from wh_errmap import qc
-from wh_errmap.atomic import write_json, write_text
-from wh_errmap.calibration import MEAN, METHODS, choose_threshold, fit_calibration
-from wh_errmap.conformal import leave_one_out_recalibrated
-from wh_errmap.data import STRUCTURES
+from wh_errmap.data.structures import STRUCTURES
 from wh_errmap.errors import UserError
-from wh_errmap.model_file import load_model
-from wh_errmap.predict import pair_folder
-from wh_errmap.predictor import export_predictor, load_predictor, load_predictor_file
-from wh_errmap.progress import console
-from wh_errmap.qc_metrics import aurc, correlations, failure_auroc
-from wh_errmap.report.build import data_source
-from wh_errmap.report.qc import estimate_figure
+from wh_errmap.metrics.conformal import leave_one_out_recalibrated
+from wh_errmap.metrics.quality import aurc, correlations, failure_auroc
+from wh_errmap.qc.assessment import assess, convention_from
+from wh_errmap.qc.calibration import MEAN, METHODS, choose_threshold, fit_calibration
+from wh_errmap.qc.model_file import load_model
+from wh_errmap.qc.pairing import pair_folder
+from wh_errmap.qc.predictor import export_predictor, load_predictor, load_predictor_file
+from wh_errmap.report.beyond_paper import estimate_figure
+from wh_errmap.utils.atomic import write_json, write_text
+from wh_errmap.utils.progress import console
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -70,7 +69,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
       raise UserError(f"calibrate needs --{what if what != 'reference' else 'set=reference'}="
                       f"FOLDER, got {config[what]!r}" + (" (not a folder)" if path else ""))
     folders[what] = path
-  labels = qc.convention_from(config.labels)
+  labels = convention_from(config.labels)
   if config.model_file:
     predictor = load_predictor_file(config.model_file)
     training = load_model(config.model_file).training
@@ -78,8 +77,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                                                 + "-calibrated.whqc")
   else:
     predictor = load_predictor(workdir, config.fold)
-    training = {"data_source": data_source(Path(workdir)), "fold": config.fold,
-                "training_cases": (predictor.reference or {}).get("case_ids")}
+    training = predictor.training_record()
     default = Path(workdir) / f"model-fold{config.fold}-calibrated.whqc"
   output = Path(config.output or default)
   if output.exists() and not config.overwrite:
@@ -96,7 +94,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   console(f"[calibrate] {len(triples)} labelled cases in {folders['image']}")
   cases = []
   for i, (image, mask, reference) in enumerate(triples, start=1):
-    result = qc.assess(image, mask, predictor, labels, progress=console, reference=reference)
+    result = assess(image, mask, predictor, labels, progress=console, reference=reference)
     crop = result.crop
     valid = crop["valid"]
     cases.append({"name": Path(mask).name, "scores": result.scores,

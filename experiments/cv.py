@@ -19,14 +19,13 @@ import jax
 import ml_collections
 
 from . import base, cv_fold
-from wh_errmap import folds
-from wh_errmap.data.dataset import dataset_from_config
+from wh_errmap.cv import children, commands, devices
+from wh_errmap.cv.run import open_run
 from wh_errmap.errors import UserError
-from wh_errmap.progress import console
-from wh_errmap.report import build_report
-from wh_errmap.train.sharding import model_layout
-from wh_errmap.train.stages import SEGMENTORS
-from wh_errmap.workdir import check_config, check_writable, record_config, run_lock
+from wh_errmap.report.build import build_report
+from wh_errmap.train.stages import model_layouts
+from wh_errmap.utils.progress import console
+from wh_errmap.utils.workdir import run_lock
 
 # Each fold runs as its own process: launch.py beside a checkout, the installed module else.
 LAUNCHER = ((sys.executable, str(Path(__file__).resolve().parents[1] / "launch.py"))
@@ -61,26 +60,20 @@ def run_cv(config: ml_collections.ConfigDict, workdir: str, fold_experiment: str
     raise UserError(f"--experiment=cv runs the folds as processes of one host and cannot "
                     f"join a multi-process run; start `--experiment={fold_experiment} "
                     f"--fold=k --distributed ...` once per fold instead")
-  if config.stage != "all" and config.stage not in cv_fold.STAGES:
-    raise UserError(f"unknown stage {config.stage!r}; choose 'all' or one of "
-                    f"{', '.join(cv_fold.STAGES)}")
+  cv_fold.check_stage(config.stage)
   cv = config.cv
   num_folds = config.splits.num_folds
-  chosen = folds.selected_folds(cv.folds, num_folds)
-  fold_config = folds.fold_config(config)
-  slots = folds.device_slots(folds.probe_devices(), len(chosen), cv.devices_per_fold,
-                             cv.concurrent)
+  chosen = commands.selected_folds(cv.folds, num_folds)
+  fold_config = commands.fold_config(config)
+  slots = devices.device_slots(devices.probe_devices(), len(chosen), cv.devices_per_fold,
+                               cv.concurrent)
   # Each fold's batches must fit the devices its process will see: one error here rather
   # than one per fold.
-  for name in (*SEGMENTORS, "predictor"):
-    model_layout(fold_config, name, num_devices=min(s.devices for s in slots), num_processes=1)
-  check_config(workdir, fold_config, defaults=base.get_config())
-  check_writable(workdir)
-  # Phantom, preprocessing cache and splits.json, made once before the children read them.
-  dataset_from_config(fold_config)
-  # What every child records and checks; written here once, once the data is found and
-  # valid, so children never race on it and a failed first command locks nothing in.
-  record_config(workdir, fold_config, defaults=base.get_config())
+  model_layouts(fold_config, num_devices=min(s.devices for s in slots), num_processes=1)
+  # Phantom, preprocessing cache and splits.json, made once before the children read them;
+  # the settings every child records and checks, written here once, so children never race
+  # on them.
+  open_run(workdir, fold_config, base.get_config())
   with run_lock(Path(workdir) / "cv.lock"):   # one cv parent per workdir
     _run_and_report(config, workdir, fold_experiment, chosen, slots, start)
 
@@ -88,17 +81,17 @@ def run_cv(config: ml_collections.ConfigDict, workdir: str, fold_experiment: str
 def _run_and_report(config: ml_collections.ConfigDict, workdir: str, fold_experiment: str,
                     chosen: tuple[int, ...], slots: list, start: float) -> None:
   cv, num_folds = config.cv, config.splits.num_folds
-  commands = {}
+  to_run = {}
   for k in chosen:
     if config.stage == "all" and (Path(workdir) / f"fold{k}" / "records.json").exists():
       console(f"cv: fold{k} has its records (fold{k}/records.json): skipped")
     else:
-      commands[k] = folds.fold_command(LAUNCHER, fold_experiment, config, k, workdir)
-  if commands:
-    console(f"cv: {len(commands)} fold(s) to run, {folds.describe_slots(slots, len(commands))}; "
+      to_run[k] = commands.fold_command(LAUNCHER, fold_experiment, config, k, workdir)
+  if to_run:
+    console(f"cv: {len(to_run)} fold(s) to run, {devices.describe_slots(slots, len(to_run))}; "
             f"logs in {Path(workdir) / 'logs'}")
-  results = folds.run_folds(commands, slots, Path(workdir) / "logs",
-                            progress_every_s=cv.progress_every)
+  results = children.run_folds(to_run, slots, Path(workdir) / "logs",
+                               progress_every_s=cv.progress_every)
 
   failed = [r for r in results.values() if r.status != "done"]
   finished = [k for k in range(num_folds)
@@ -109,10 +102,10 @@ def _run_and_report(config: ml_collections.ConfigDict, workdir: str, fold_experi
     report_note = f"the report ({report}) covers fold(s) {', '.join(map(str, finished))}"
   else:
     report_note = "no fold has test records, so no report was written"
-  console(f"cv: {len(commands) - len(failed)} of {len(commands)} fold(s) run, "
-          f"{len(chosen) - len(commands)} skipped, {len(failed)} failed, in "
+  console(f"cv: {len(to_run) - len(failed)} of {len(to_run)} fold(s) run, "
+          f"{len(chosen) - len(to_run)} skipped, {len(failed)} failed, in "
           f"{(time.monotonic() - start) / 60:.1f} min; {report_note}")
   if failed:
-    error = UserError(folds.failure_message(failed, report_note))
+    error = UserError(children.failure_message(failed, report_note))
     error.exit_code = 1
     raise error

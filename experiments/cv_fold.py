@@ -13,24 +13,23 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
 from . import base
-from wh_errmap.data.dataset import dataset_from_config, preprocess_config
+from wh_errmap.cv.evaluate import TestScans, read_records
+from wh_errmap.cv.run import open_run
+from wh_errmap.data.dataset import Dataset, data_source
+from wh_errmap.data.training_reference import REFERENCE_FILE, write_reference
 from wh_errmap.errors import UserError
-from wh_errmap.evaluation import evaluate_fold, read_records, score_segmentors
-from wh_errmap.metrics import correlation_stats
-from wh_errmap.workdir import check_config, check_writable, record_config, run_lock
-from wh_errmap.predictor import REFERENCE_FILE, write_reference
-from wh_errmap.progress import console
-from wh_errmap.inference import inference_mesh
-from wh_errmap.train.sharding import model_layout
-from wh_errmap.train.stages import (SEGMENTORS, predictor_model, segmentor_model, train_predictor,
-                                    train_segmentor)
+from wh_errmap.metrics.quality import correlations
+from wh_errmap.models.factory import SEGMENTORS
+from wh_errmap.train.sharding import Layout
+from wh_errmap.train.stages import model_layouts, train_predictor, train_segmentor
+from wh_errmap.utils.progress import console
+from wh_errmap.utils.workdir import run_lock
 
 STAGES = ("segmentors", "predictor", "evaluate")
 
@@ -45,35 +44,34 @@ def get_config() -> ml_collections.ConfigDict:
 def qi_summary(records: list[dict]) -> str:
   """PCC and MAE of QI against the true accuracy (and PCC against Dice) over `records`."""
   qi = np.array([r["qi"] for r in records])
-  acc = correlation_stats(qi, np.array([r["true_acc"] for r in records]))
-  dsc = correlation_stats(qi, np.array([r["seg_dsc"] for r in records]))
+  acc = correlations(qi, np.array([r["true_acc"] for r in records]))
+  dsc = correlations(qi, np.array([r["seg_dsc"] for r in records]))
   auto = [r for r in records if r["mask_type"] != "gt"]
-  return (f"{len(records)} masks: PCC(QI, Acc) = {acc['pcc']:.3f} (p = {acc['p_value']:.1e}), "
+  return (f"{len(records)} masks: PCC(QI, Acc) = {acc['pcc']:.3f} (p = {acc['pcc_p']:.1e}), "
           f"PCC(QI, DSC) = {dsc['pcc']:.3f}, MAE(QI, Acc) = {acc['mae']:.4f}; error-map DSC "
           f"over auto masks {np.mean([r['err_dsc'] for r in auto]):.3f}")
 
 
 def data_line(config: ml_collections.ConfigDict) -> str:
   """The first line of a run: which data it uses."""
-  if config.data_dir:
-    return f"data: MMWHS {config.modality.upper()} cases in {config.data_dir}"
-  return (f"data: the synthetic whole-heart phantom ({config.num_cases} cases, seed "
-          f"{config.seed}), not MMWHS: pass --data_dir=MMWHS_FOLDER for the real data")
+  hint = "" if config.data_dir else ": pass --data_dir=MMWHS_FOLDER for the real data"
+  return f"data: {data_source(config)}{hint}"
+
+
+def check_stage(stage: str) -> tuple[str, ...]:
+  """The stages config.stage asks for (UserError for an unknown one)."""
+  if stage != "all" and stage not in STAGES:
+    raise UserError(f"unknown stage {stage!r}; choose 'all' or one of {', '.join(STAGES)}")
+  return STAGES if stage == "all" else (stage,)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  if config.stage != "all" and config.stage not in STAGES:
-    raise UserError(f"unknown stage {config.stage!r}; choose 'all' or one of {', '.join(STAGES)}")
-  stages = STAGES if config.stage == "all" else (config.stage,)
+  stages = check_stage(config.stage)
   console(data_line(config))
   # Every model's batch must fit the devices, and the settings the workdir's: say so
-  # before any data or training work. The settings are recorded only once the data is
-  # found and valid, so a mistyped --data_dir does not lock them in.
-  layouts = {name: model_layout(config, name) for name in (*SEGMENTORS, "predictor")}
-  check_config(workdir, config, defaults=base.get_config())
-  check_writable(workdir)
-  dataset = dataset_from_config(config)
-  record_config(workdir, config, defaults=base.get_config())
+  # before any data or training work.
+  layouts = model_layouts(config)
+  dataset = open_run(workdir, config, base.get_config())
   # One run per fold at a time (a double launch, a requeued job while the old one lives);
   # with several processes (jax.distributed), process 0 holds it for all.
   lock = (run_lock(Path(workdir) / f"fold{config.fold}.lock") if jax.process_index() == 0
@@ -82,32 +80,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     _run_fold(config, workdir, dataset, stages, layouts)
 
 
-def _run_fold(config: ml_collections.ConfigDict, workdir: str, dataset: Any,
-              stages: tuple[str, ...], layouts: dict[str, Any]) -> None:
+def _run_fold(config: ml_collections.ConfigDict, workdir: str, dataset: Dataset,
+              stages: tuple[str, ...], layouts: dict[str, Layout]) -> None:
   train_cases, test_cases = dataset.fold(config.fold)
-  # Test cases are scored as whole scans: no crop around their ground truth.
-  test_cases = dataset.whole_scans(test_cases, preprocess_config(config))
+  # Test cases are scored as whole scans, split over the local devices when mesh.space
+  # asks for it: no crop around their ground truth.
+  scans = TestScans.of(dataset, test_cases, config.mesh.space)
   fold_dir = Path(workdir) / f"fold{config.fold}"
   console(f"fold {config.fold}: {len(train_cases)} training and {len(test_cases)} test cases; "
           f"outputs in {fold_dir}; " + ", ".join(f"{name} {layout.describe()}"
                                                   for name, layout in layouts.items()))
-  # Whole-volume inference splits each test volume over the local devices when mesh.space
-  # asks for it; the models then take the convolution form of that split.
-  mesh = inference_mesh(config.mesh.space, min(c.image.shape[0] for c in test_cases))
-  space = 1 if mesh is None else mesh.shape["space"]
   # Training a finished model only restores it, so later stages can always ask for it.
-  segmentors = {name: train_segmentor(config, name, train_cases, fold_dir)
+  segmentors = {name: train_segmentor(config, name, train_cases, fold_dir, layouts[name])
                 for name in SEGMENTORS}
-  scoring = {name: (segmentor_model(config, name, space), variables)
-             for name, (_, variables) in segmentors.items()}
   # Scoring runs on one process's own devices; with several processes (jax.distributed)
   # process 0 alone scores and writes the fold's outputs.
   scorer = jax.process_index() == 0
   if "segmentors" in stages and scorer:
-    console(score_segmentors(scoring, test_cases, fold_dir / "segmentors.json", mesh))
+    console(scans.score_segmentors(config, segmentors, fold_dir / "segmentors.json"))
   if "predictor" not in stages and "evaluate" not in stages:
     return
-  predictor = train_predictor(config, segmentors, train_cases, fold_dir)
+  predictor = train_predictor(config, segmentors, train_cases, fold_dir, layouts["predictor"],
+                              dataset.preprocess)
   if scorer and not (fold_dir / "predictor" / REFERENCE_FILE).exists():
     write_reference(fold_dir / "predictor", train_cases)   # for predict's checks
   if "evaluate" in stages and scorer:
@@ -115,7 +109,6 @@ def _run_fold(config: ml_collections.ConfigDict, workdir: str, dataset: Any,
       console(f"[evaluate] records exist in {fold_dir}: not redone")
       records = read_records(fold_dir)
     else:
-      records = evaluate_fold(scoring, (predictor_model(config, space), predictor[1]),
-                              test_cases, config.fold, fold_dir, config.predictor.threshold,
-                              config.nifti, mesh=mesh, preprocess=preprocess_config(config))
+      records = scans.evaluate(config, segmentors, predictor, config.fold, fold_dir,
+                               config.nifti)
     console(f"fold {config.fold}: " + qi_summary(records))

@@ -11,8 +11,8 @@ from pathlib import Path
 import ml_collections
 
 from . import base
-from wh_errmap.progress import console
-from wh_errmap.report import build_report
+from wh_errmap.report.build import build_report
+from wh_errmap.utils.progress import console
 
 
 def get_config() -> ml_collections.ConfigDict:

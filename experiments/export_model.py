@@ -18,12 +18,10 @@ import ml_collections
 
 from . import base
 from wh_errmap.data.dataset import dataset_from_config
+from wh_errmap.data.training_reference import training_reference
 from wh_errmap.errors import UserError
-from wh_errmap.predictor import export_predictor, load_predictor, training_reference
-from wh_errmap.progress import console
-from wh_errmap.report.build import data_source
-from wh_errmap.workdir import load_run_config
-
+from wh_errmap.qc.predictor import Predictor, export_predictor, load_predictor
+from wh_errmap.utils.progress import console
 
 def get_config() -> ml_collections.ConfigDict:
   c = base.get_config()
@@ -38,24 +36,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     raise UserError(f"{output} exists: use --overwrite to replace it, or another "
                     f"--set=output=FILE")
   predictor = load_predictor(workdir, config.fold, config.allow_partial)
-  training = {"data_source": data_source(Path(workdir)), "fold": config.fold}
   if predictor.reference is None:
-    predictor = _with_reference(predictor, load_run_config(workdir), training)
-  else:
-    training["training_cases"] = predictor.reference.get("case_ids")
-  path = export_predictor(predictor, output, training)
+    predictor = _with_reference(predictor)
+  path = export_predictor(predictor, output, predictor.training_record())
   console(f"predictor of fold {config.fold} (step {predictor.step} of "
           f"{predictor.total_steps}) written to {path}"
           + ("" if predictor.reference else " without a training reference"))
 
 
-def _with_reference(predictor, run_config, training: dict):
-  """The predictor with the training reference computed from the run's data, if found."""
+def _with_reference(predictor: Predictor) -> Predictor:
+  """The predictor with the training reference computed from its run's data, if found."""
   try:
-    train_cases, _ = dataset_from_config(run_config).fold(predictor.fold)
+    train_cases, _ = dataset_from_config(predictor.config).fold(predictor.fold)
   except UserError as e:
     console(f"warning: the run's training data cannot be read ({e}): the model file gets "
             f"no training reference, so predict skips its volume and intensity checks")
     return predictor
-  training["training_cases"] = [c.case_id for c in train_cases]
   return dataclasses.replace(predictor, reference=training_reference(train_cases))

@@ -25,16 +25,13 @@ import ml_collections
 import numpy as np
 
 from . import base, cv_fold_small
-from wh_errmap.atomic import write_json, write_text
-from wh_errmap.data.dataset import dataset_from_config, preprocess_config
-from wh_errmap.evaluation import evaluate_fold, read_records
-from wh_errmap.inference import inference_mesh
-from wh_errmap.progress import console
-from wh_errmap.qc_metrics import correlations
-from wh_errmap.train.stages import (SEGMENTORS, predictor_model, segmentor_model, train_predictor,
-                                    train_segmentor)
-from wh_errmap.workdir import check_config, check_writable, record_config
-
+from wh_errmap.cv.evaluate import TestScans, read_records
+from wh_errmap.cv.run import open_run
+from wh_errmap.metrics.quality import correlations
+from wh_errmap.models.factory import SEGMENTORS
+from wh_errmap.train.stages import model_layouts, train_predictor, train_segmentor
+from wh_errmap.utils.atomic import write_json, write_text
+from wh_errmap.utils.progress import console
 
 def get_config() -> ml_collections.ConfigDict:
   c = cv_fold_small.get_config()
@@ -63,46 +60,40 @@ def _summary(records: list[dict[str, Any]]) -> dict[str, float]:
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   workdir = Path(workdir)
   k = config.fold
-  check_config(workdir, config, defaults=base.get_config())
-  check_writable(workdir)
-  dataset = dataset_from_config(config)
-  record_config(workdir, config, defaults=base.get_config())
+  layouts = model_layouts(config)
+  dataset = open_run(workdir, config, base.get_config())
   train_cases, test_cases = dataset.fold(k)
-  test_cases = dataset.whole_scans(test_cases, preprocess_config(config))
+  scans = TestScans.of(dataset, test_cases, config.mesh.space)
   own_dir = Path(config.study.run) / f"fold{k}" if config.study.run else workdir / f"fold{k}"
   console(f"heldout_errors, fold {k}: segmentors and the segmentor-only predictor in {own_dir}")
 
-  own = {name: train_segmentor(config, name, train_cases, own_dir) for name in SEGMENTORS}
+  own = {name: train_segmentor(config, name, train_cases, own_dir, layouts[name])
+         for name in SEGMENTORS}
   heldout_config = ml_collections.ConfigDict(config.to_dict())
   heldout_config.seed = config.study.heldout_seed
   heldout_config.train.seg3d.steps, heldout_config.train.seg2d.steps = config.study.heldout_steps
   heldout_dir = workdir / "heldout" / f"fold{k}"
-  heldout = {name: train_segmentor(heldout_config, name, train_cases, heldout_dir)
+  heldout = {name: train_segmentor(heldout_config, name, train_cases, heldout_dir, layouts[name])
              for name in SEGMENTORS}
 
   perturbed_config = ml_collections.ConfigDict(config.to_dict())
   perturbed_config.predictor.mask_sources.perturbed = config.study.perturbed_weight
   predictors = {
-      "segmentor masks": train_predictor(config, own, train_cases, own_dir),
+      "segmentor masks": train_predictor(config, own, train_cases, own_dir,
+                                         layouts["predictor"], dataset.preprocess),
       "segmentor masks + perturbed GT": train_predictor(
-          perturbed_config, own, train_cases, workdir / "perturbed" / f"fold{k}")}
+          perturbed_config, own, train_cases, workdir / "perturbed" / f"fold{k}",
+          layouts["predictor"], dataset.preprocess)}
 
-  mesh = inference_mesh(config.mesh.space, min(c.image.shape[0] for c in test_cases))
-  space = 1 if mesh is None else mesh.shape["space"]
-  scoring = {"own": {n: (segmentor_model(config, n, space), v) for n, (_, v) in own.items()},
-             "held-out": {n: (segmentor_model(config, n, space), v)
-                          for n, (_, v) in heldout.items()}}
   results = {}
-  for p_index, (p_name, (_, variables)) in enumerate(predictors.items()):
-    for m_name, segmentors in scoring.items():
+  for p_index, (p_name, predictor) in enumerate(predictors.items()):
+    for m_name, segmentors in (("own", own), ("held-out", heldout)):
       directory = workdir / "evaluations" / f"fold{k}" / f"predictor{p_index}-{m_name}"
       if (directory / "records.json").exists():
         records = read_records(directory)
       else:
         console(f"[{p_name}] on the {m_name} segmentors' masks")
-        records = evaluate_fold(segmentors, (predictor_model(config, space), variables),
-                                test_cases, k, directory, config.predictor.threshold,
-                                "none", mesh=mesh, preprocess=preprocess_config(config))
+        records = scans.evaluate(config, segmentors, predictor, k, directory, "none")
       results[f"{p_name} | {m_name}"] = {"predictor": p_name, "masks": m_name,
                                          **_summary(records)}
   write_json(workdir / "heldout_errors.json", {"fold": k, "results": list(results.values())})

@@ -25,13 +25,14 @@ from pathlib import Path
 import ml_collections
 
 from . import base
-from wh_errmap import qc
 from wh_errmap.errors import UserError
-from wh_errmap.predict import (assess, assess_many, pair_folder, write_folder_report,
-                               write_summary)
-from wh_errmap.predictor import load_predictor, load_predictor_file
-from wh_errmap.progress import console
-from wh_errmap.workdir import check_writable
+from wh_errmap.qc.assessment import convention_from
+from wh_errmap.qc.folder import assess, assess_many, write_folder_report, write_summary
+from wh_errmap.qc.pairing import pair_folder
+from wh_errmap.qc.predictor import load_predictor, load_predictor_file
+from wh_errmap.qc.verdict import VERDICTS, Settings
+from wh_errmap.utils.progress import console
+from wh_errmap.utils.workdir import check_writable
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -64,8 +65,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if folders and not mask.is_dir():
     raise UserError(f"--image={image} is a folder and --mask={mask} a file: give two files "
                     f"or two folders")
-  settings = qc.Settings.from_config(config)
-  labels = qc.convention_from(config.labels)   # a bad --labels fails before any model work
+  settings = Settings.from_config(config)
+  labels = convention_from(config.labels)   # a bad --labels fails before any model work
   if config.model_file:
     predictor = load_predictor_file(config.model_file)
     default_out = Path(config.model_file).absolute().parent / "predict"
@@ -101,7 +102,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   summary = write_summary(output_dir, {
       "predictor": predictor.provenance, "threshold": config.threshold, "cases": results,
       "already_assessed": reused, "problems": problems})
-  counts = {v: sum(r["verdict"] == v for r in results) for v in qc.VERDICTS}
+  counts = {v: sum(r["verdict"] == v for r in results) for v in VERDICTS}
   console(f"{len(results)} pairs assessed ({len(reused)} of them kept from before): "
           + ", ".join(f"{n} {v}" for v, n in counts.items() if n)
           + f"; table {report['tsv']}" + (f", gallery {report['html']}" if "html" in report

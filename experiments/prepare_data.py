@@ -6,8 +6,8 @@ import ml_collections
 import numpy as np
 
 from . import base
-from wh_errmap.data import STRUCTURES
 from wh_errmap.data.dataset import Dataset, dataset_from_config
+from wh_errmap.data.structures import STRUCTURES
 
 
 def get_config() -> ml_collections.ConfigDict:

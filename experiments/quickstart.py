@@ -11,8 +11,8 @@ import time
 import ml_collections
 
 from . import cv_fold, cv_fold_small
-from wh_errmap.progress import console
-from wh_errmap.report import build_report
+from wh_errmap.report.build import build_report
+from wh_errmap.utils.progress import console
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -34,8 +34,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
-from wh_errmap.cache import enable_compilation_cache  # noqa: E402
-from wh_errmap.data.nifti_io import MMWHS_CODES  # noqa: E402
+from wh_errmap.data.structures import MMWHS_CODES  # noqa: E402
+from wh_errmap.utils.cache import enable_compilation_cache  # noqa: E402
 
 # grain reads absl flags inside its workers; tests run without absl.app.run.
 flags.FLAGS.mark_as_parsed()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_qc import phantom, run_dir  # noqa: F401  (fixtures)
+from tests.qc.test_assessment import phantom, run_dir  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 # What `pip install .` reads; copied so that the build's build/ and *.egg-info stay out of

@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 
 from tests.conftest import SESSION_CACHE, TINY_FOLD, launch
-from wh_errmap.cache import default_cache_dir
+from wh_errmap.utils.cache import default_cache_dir
 
 # Spelled out, not imported: a wrong list in the package must not agree with itself here.
 MASK_TYPES = {"3d-final", "3d-side2", "3d-side3", "3d-side4", "3d-side5",

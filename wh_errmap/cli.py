@@ -16,8 +16,8 @@ except ModuleNotFoundError as e:
   if e.name != "wh_errmap.experiments":
     raise
   import experiments  # a checkout: experiments/ sits beside wh_errmap/
-from wh_errmap.cache import enable_compilation_cache
 from wh_errmap.errors import UserError, storage_error_message
+from wh_errmap.utils.cache import enable_compilation_cache
 
 _EXPERIMENT = flags.DEFINE_string(
     "experiment", "quickstart", f"One of: {', '.join(experiments.names())}.")

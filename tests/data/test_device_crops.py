@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import take_batches
 from wh_errmap.data import device_crops, pipeline
+from wh_errmap.data.volumes import IMAGE_PAD_VALUE, LABEL_PAD_VALUE
 
 # Different shapes, one smaller than the 3D crop along every axis, so that stacking pads and
 # crops pad.
@@ -170,8 +171,8 @@ def test_edges_interpolate_towards_the_pad_value():
 def test_padding_outside_a_smaller_case_reads_pad_values(scale):
   cases = _cases([(20, 18, 14), (9, 8, 7)])
   volumes = device_crops.stack_volumes(cases)
-  np.testing.assert_array_equal(volumes["image"][1, 9:], device_crops.IMAGE_PAD_VALUE)
-  np.testing.assert_array_equal(volumes["label"][1, :, 8:], device_crops.LABEL_PAD_VALUE)
+  np.testing.assert_array_equal(volumes["image"][1, 9:], IMAGE_PAD_VALUE)
+  np.testing.assert_array_equal(volumes["label"][1, :, 8:], LABEL_PAD_VALUE)
   # Real data where the stacked array pads the small case: only its own shape may be read.
   volumes["image"][1, 9:], volumes["label"][1, 9:] = 0.5, 7
   volumes["image"][1, :, 8:], volumes["label"][1, :, 8:] = 0.5, 7
@@ -185,7 +186,7 @@ def test_padding_outside_a_smaller_case_reads_pad_values(scale):
     image, label = _host_crop(cases, params, b, CROP_3D)
     np.testing.assert_allclose(out["image"][b, ..., 0], image, atol=1e-5)
     np.testing.assert_array_equal(out["label"][b], label)
-    assert np.sum(label == device_crops.LABEL_PAD_VALUE) > label.size / 2  # mostly padding
+    assert np.sum(label == LABEL_PAD_VALUE) > label.size / 2  # mostly padding
 
 
 def test_jit_and_eager_give_the_same_crops():
@@ -210,8 +211,8 @@ def test_stack_volumes_pads_to_the_largest_shape():
     region = (k, *(slice(0, n) for n in SHAPES[k]))
     np.testing.assert_array_equal(volumes["image"][region], case.image)
     np.testing.assert_array_equal(volumes["label"][region], case.label)
-  np.testing.assert_array_equal(volumes["image"][3, 12:], device_crops.IMAGE_PAD_VALUE)
-  np.testing.assert_array_equal(volumes["label"][3, :, :, 9:], device_crops.LABEL_PAD_VALUE)
+  np.testing.assert_array_equal(volumes["image"][3, 12:], IMAGE_PAD_VALUE)
+  np.testing.assert_array_equal(volumes["label"][3, :, :, 9:], LABEL_PAD_VALUE)
   assert device_crops.volumes_nbytes(cases) == sum(v.nbytes for v in volumes.values())
 
 

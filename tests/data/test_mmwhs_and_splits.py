@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from wh_errmap.data import InvalidCaseError
 from wh_errmap.data.mmwhs import find_cases
+from wh_errmap.data.nifti_io import InvalidCaseError
 from wh_errmap.data.splits import fold_cases, load_or_create_splits, make_splits
 from wh_errmap.errors import UserError
 

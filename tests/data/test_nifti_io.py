@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import blob_label, write_nifti
-from wh_errmap.data import InvalidCaseError, load_case, nifti_io, save_nifti
-from wh_errmap.data.nifti_io import MAX_VOXELS, from_canonical, to_canonical
+from wh_errmap.data.nifti_io import (MAX_VOXELS, InvalidCaseError, from_canonical, load_case,
+                                     save_nifti, to_canonical)
+from wh_errmap.data import nifti_io
 
 
 def test_loads_and_reorients_to_ras(tiny_case):

@@ -9,9 +9,10 @@ import pytest
 from scipy import ndimage
 
 from tests.conftest import write_nifti
-from wh_errmap.data import anatomy, phantom
-from wh_errmap.data.nifti_io import MMWHS_CODES, STRUCTURES, load_case
+from wh_errmap.data.nifti_io import load_case
 from wh_errmap.data.phantom import make_phantom_case, phantom_geometry, write_phantom
+from wh_errmap.data import anatomy, phantom
+from wh_errmap.data.structures import MMWHS_CODES, STRUCTURES
 from wh_errmap.errors import UserError
 
 # Coarse voxels keep the volumes small; the geometry and appearance code paths are the same.

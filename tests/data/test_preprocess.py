@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from wh_errmap.data import load_case
+from wh_errmap.data.nifti_io import load_case
 from wh_errmap.data.preprocess import (PreprocessConfig, preprocess_cached, preprocess_case,
                                        restore_to_original)
 

@@ -7,13 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wh_errmap.models import OUTPUT_NAMES, SIDE_OUTPUTS, VoxResNet, count_params
-from wh_errmap.models.voxresnet import (
-  Deconv,
-  deconv_to_transpose_kernel,
-  transpose_kernel_to_deconv,
-  upsample_linear,
-)
+from wh_errmap.models.layers import (Deconv, deconv_to_transpose_kernel, transpose_kernel_to_deconv,
+                                     upsample_linear)
+from wh_errmap.models.voxresnet import OUTPUT_NAMES, SIDE_OUTPUTS, VoxResNet, count_params
 
 TINY = {"width1": 4, "width2": 8}
 
@@ -197,7 +193,7 @@ def test_upsample_linear_puts_low_res_voxel_i_at_factor_times_i():
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("shape", [(2, 6, 5, 4, 3), (3, 7, 6, 2), (1, 8, 8, 6, 2)])
 def test_matmul_convolution_equals_xla_with_gradients(shape, stride):
-  from wh_errmap.models.voxresnet import Conv3
+  from wh_errmap.models.layers import Conv3
   x = jax.random.normal(jax.random.key(0), shape)
   layers = {impl: Conv3(5, spatial_dims=len(shape) - 2, stride=stride, impl=impl)
             for impl in ("xla", "matmul")}

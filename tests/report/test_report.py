@@ -12,16 +12,16 @@ from scipy import stats
 
 from experiments import cv_report
 from tests.conftest import blob_label
-from wh_errmap import conformal, qc_metrics
-from wh_errmap.data import MMWHS_CODES, STRUCTURES, save_nifti
+from wh_errmap.cv.evaluate import write_records
+from wh_errmap.data.nifti_io import save_nifti
+from wh_errmap.data.structures import MMWHS_CODES, STRUCTURES
 from wh_errmap.errors import UserError
-from wh_errmap.evaluation import write_records
-from wh_errmap.masks import AUTO_MASK_TYPES, MASK_TYPES
-from wh_errmap.report import build_report
-from wh_errmap.report import panels
-from wh_errmap.report import qc as report_qc
+from wh_errmap.metrics import conformal, quality
+from wh_errmap.report import beyond_paper, panels, tables
+from wh_errmap.report.build import build_report
 from wh_errmap.report.folds import read_fold, read_folds
 from wh_errmap.report.tables import TABLE1_COLUMNS, TABLE1_ROWS, qi_scope, qi_statistics, table1
+from wh_errmap.train.masks import AUTO_MASK_TYPES, MASK_TYPES
 
 CASES = {0: ["mr_train_1001", "mr_train_1002", "mr_train_1003"],
          1: ["mr_train_1004", "mr_train_1005"]}
@@ -239,9 +239,9 @@ def test_qc_statistics_in_the_report(run):
     score = np.array([r[field] for r in auto])
     assert rows[field]["n"] == len(auto) == 50   # 5 cases x 10 auto masks
     assert rows[field]["pcc"] == pytest.approx(stats.pearsonr(score, dice)[0])
-    assert rows[field]["aurc"] == pytest.approx(qc_metrics.aurc(score, 1 - dice))
+    assert rows[field]["aurc"] == pytest.approx(quality.aurc(score, 1 - dice))
     assert rows[field]["failure_auroc"] == pytest.approx(
-        qc_metrics.failure_auroc(score, dice, 0.75))
+        quality.failure_auroc(score, dice, 0.75))
   # The predicted Dice was made close to the true Dice, the baseline scores are noise.
   assert rows["pd_mean"]["pcc"] > 0.9 > rows["base_pd_mean"]["pcc"]
   assert rows["pd_mean"]["e_aurc"] < rows["base_qi"]["e_aurc"]
@@ -272,7 +272,7 @@ def test_qc_statistics_in_the_report(run):
   raw, fitted = qc["recalibration"]
   assert raw["pcc"] == pytest.approx(rows["pd_mean"]["pcc"]) and raw["n"] == fitted["n"]
   assert "recalibrated on the other folds" in fitted["estimate"]
-  recal = report_qc.recalibrated_mean_dice(records)
+  recal = beyond_paper.recalibrated_mean_dice(records)
   k = sorted(records)[0]
   others = [r for j in records if j != k for r in records[j] if r["mask_type"] != "gt"]
   g = conformal.fit_recalibration(np.array([r["pd_mean"] for r in others]),
@@ -297,14 +297,14 @@ def test_heldout_error_studies_of_a_run_are_in_its_report(tmp_path):
 
 def test_qi_and_qc_statistics_share_one_correlation():
   # qi_stats.json comes from tables.qi_scope, qc_stats.json from report.qc; both must use
-  # qc_metrics.correlations, so equal pairs give equal PCC, p-value and MAE.
-  assert report_qc.correlations is qc_metrics.correlations
+  # quality.correlations, so equal pairs give equal PCC, p-value and MAE.
+  assert beyond_paper.correlations is quality.correlations
   rng = np.random.default_rng(5)
   for _ in range(3):
     records = [r for fold in CASES for r in fake_records(fold, rng)
                if r["mask_type"] != "gt"]
-    scores = {row["field"]: row for row in report_qc.score_table(records, 0.75)}
-    mean_pd = report_qc.structure_table(records)[-1]
+    scores = {row["field"]: row for row in beyond_paper.score_table(records, 0.75)}
+    mean_pd = beyond_paper.structure_table(records)[-1]
     qi = qi_scope(records)["dsc"]
     pd = qi_scope(records, qi_field="pd_mean")["dsc"]
     assert qi["n"] == scores["qi"]["n"] == len(records)
@@ -318,14 +318,27 @@ def test_qc_figures_leave_no_pyplot_state(tmp_path, monkeypatch):
   import matplotlib.pyplot as plt
   records = fake_records(0, np.random.default_rng(2))
   write_calibration(tmp_path)
-  bins = report_qc.add_bins([json.loads((tmp_path / "calibration.json").read_text())])
+  bins = beyond_paper.add_bins([json.loads((tmp_path / "calibration.json").read_text())])
   plt.close("all")
-  report_qc.risk_coverage_figure(records, tmp_path / "risk_coverage.png")
-  report_qc.reliability_figure(bins, tmp_path / "reliability.png")
+  beyond_paper.risk_coverage_figure(records, tmp_path / "risk_coverage.png")
+  beyond_paper.reliability_figure(bins, tmp_path / "reliability.png")
   assert plt.get_fignums() == []
   # With pyplot unimportable the figures are still made: they never touch it.
   monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
-  report_qc.risk_coverage_figure(records, tmp_path / "risk_coverage2.png")
-  report_qc.reliability_figure(bins, tmp_path / "reliability2.png")
+  beyond_paper.risk_coverage_figure(records, tmp_path / "risk_coverage2.png")
+  beyond_paper.reliability_figure(bins, tmp_path / "reliability2.png")
   for name in ("risk_coverage2.png", "reliability2.png"):
     assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_qi_scope_is_quality_correlations_under_the_names_of_qi_stats(monkeypatch):
+  # qi_stats.json and qc_stats.json must not drift apart again: the one implementation of
+  # PCC, p and MAE is quality.correlations, which qi_scope only renames.
+  def stand_in(estimate, truth):
+    assert estimate.shape == truth.shape == (3,)
+    return {"pcc": 0.25, "pcc_p": 0.5, "spearman": 0.0, "spearman_p": 1.0, "mae": 0.125, "n": 3}
+
+  monkeypatch.setattr(tables, "correlations", stand_in)
+  records = [{"qi": 0.9, "true_acc": 0.95, "seg_dsc": 0.8}] * 3
+  scope = qi_scope(records)
+  assert scope["acc"] == scope["dsc"] == {"pcc": 0.25, "p_value": 0.5, "mae": 0.125, "n": 3}

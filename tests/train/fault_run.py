@@ -29,7 +29,7 @@ from absl import flags
 from tests.train.tiny import train_tiny
 from wh_errmap.errors import UserError, storage_error_message
 from wh_errmap.train import loop
-from wh_errmap.train.sharding import make_mesh
+from wh_errmap.utils.mesh import make_mesh
 
 
 def _kill_at(where: str, at_step: int) -> None:

@@ -37,9 +37,10 @@ from absl import flags
 
 from tests.train.tiny import tiny_cases, tiny_config
 from wh_errmap.data.pipeline import train_dataset
+from wh_errmap.models.factory import make_model
 from wh_errmap.train import loop
 from wh_errmap.train.sharding import plan_layout
-from wh_errmap.train.state import create_state, make_model, make_optimizer
+from wh_errmap.train.state import create_state, make_optimizer
 from wh_errmap.train.steps import make_segmentor_step
 
 NUM_STEPS = 3

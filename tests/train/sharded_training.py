@@ -12,10 +12,10 @@ import numpy as np
 from absl import flags
 
 from tests.train.tiny import tiny_config, tiny_segmentors, train_tiny, train_tiny_predictor
-from wh_errmap.inference import (inference_mesh, predict_error_map,
-                                 segment_volume_with_uncertainty)
-from wh_errmap.train.sharding import make_mesh
-from wh_errmap.train.state import make_model
+from wh_errmap.models.factory import make_model
+from wh_errmap.models.inference import (inference_mesh, predict_error_map,
+                                        segment_volume_with_uncertainty)
+from wh_errmap.utils.mesh import make_mesh
 
 BATCH = 2                    # the paper's batch (3D segmentor, predictor)
 MESHES = ((1, 1), (2, 4), (1, 8))   # (data, space)

@@ -12,10 +12,11 @@ import pytest
 
 from tests.train.tiny import tiny_config, train_tiny
 from wh_errmap.errors import UserError
+from wh_errmap.models.factory import make_model
 from wh_errmap.train.checkpoints import (MANIFEST, CheckpointRestoreError, restore_latest,
                                          shows_damage)
-from wh_errmap.train.sharding import make_mesh
-from wh_errmap.train.state import create_state, make_model, make_optimizer
+from wh_errmap.train.state import create_state, make_optimizer
+from wh_errmap.utils.mesh import make_mesh
 
 MESH = make_mesh(jax.devices()[:1])
 

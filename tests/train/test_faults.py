@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.conftest import ROOT
 from tests.train.tiny import train_tiny
 from wh_errmap.train.checkpoints import MANIFEST
 from wh_errmap.train.loop import TrainingDivergedError
-from wh_errmap.train.sharding import make_mesh
+from wh_errmap.utils.mesh import make_mesh
 
-ROOT = Path(__file__).resolve().parents[2]
 NUM_STEPS = 8
 STEP_SECONDS = 0.4
 

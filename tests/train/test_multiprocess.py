@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tests.conftest import ROOT
 from tests.train.multiprocess_training import LOCAL_DEVICES, NUM_PROCESSES, NUM_STEPS
 
-ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = "tests.train.multiprocess_training"
 WORKER_TIMEOUT_S = 240
 

@@ -5,18 +5,17 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+from tests.conftest import ROOT
 from experiments import base
 from wh_errmap.errors import UserError
-from wh_errmap.train.sharding import (Layout, batch_sharding, global_batch, lr_factor,
-                                      make_mesh, model_layout, plan_layout)
+from wh_errmap.train.sharding import Layout, lr_factor, model_layout, plan_layout
+from wh_errmap.utils.mesh import batch_sharding, global_batch, make_mesh
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run_on_8_devices(code: str) -> None:
@@ -102,7 +101,7 @@ def test_batch_arrays_split_rows_and_x():
   assert batch["image"].shape == (2, 8, 8, 4, 1) and batch["case"].shape == (2,)
   code = """
 import jax, numpy as np
-from wh_errmap.train.sharding import batch_sharding, global_batch, make_mesh
+from wh_errmap.utils.mesh import batch_sharding, global_batch, make_mesh
 mesh = make_mesh(space=4)
 assert dict(mesh.shape) == {"data": 2, "space": 4}, mesh.shape
 b = global_batch(mesh, {"image": np.arange(2 * 8 * 3, dtype=np.float32).reshape(2, 8, 3, 1),
@@ -128,8 +127,8 @@ from tests.train.tiny import tiny_cases
 from wh_errmap.data.device_crops import crop_batch, stack_volumes
 from wh_errmap.data.pipeline import train_dataset
 from wh_errmap.train.loop import compile_step
-from wh_errmap.train.sharding import global_batch, make_mesh, replicated
 from wh_errmap.train.state import TrainState
+from wh_errmap.utils.mesh import global_batch, make_mesh, replicated
 cases = tiny_cases(shape=(40, 18, 14))
 params = next(iter(train_dataset(cases, crop_size=(32, 16, 12), batch_size=2, seed=0,
                                  shard_index=0, shard_count=1, output="params")))

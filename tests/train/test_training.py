@@ -5,20 +5,20 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+from tests.conftest import ROOT
 from tests.train.tiny import tiny_cases, tiny_config, train_tiny
+from wh_errmap.models.factory import make_model
 from wh_errmap.train import loop
-from wh_errmap.train.sharding import make_mesh
 from wh_errmap.train.stages import training_input
-from wh_errmap.train.state import create_state, make_model, make_optimizer
+from wh_errmap.train.state import create_state, make_optimizer
 from wh_errmap.train.steps import make_segmentor_step
+from wh_errmap.utils.mesh import make_mesh
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_paper_batch_on_8_devices_matches_one_device():

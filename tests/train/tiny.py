@@ -9,8 +9,9 @@ import numpy as np
 
 from experiments import base
 from wh_errmap.data.pipeline import train_dataset
+from wh_errmap.models.factory import make_model
 from wh_errmap.train import loop
-from wh_errmap.train.state import create_state, make_model, make_optimizer
+from wh_errmap.train.state import create_state, make_optimizer
 from wh_errmap.train.steps import make_predictor_step, make_segmentor_step
 
 
@@ -100,8 +101,8 @@ def train_tiny_predictor(workdir, mesh, num_steps: int, segmentors: dict, batch_
 def tiny_predictor_run(run) -> ml_collections.ConfigDict:
   """Makes `run` a run with its config.json and a tiny predictor for fold 0 trained for the
   one step of its schedule; returns the recorded config."""
-  from wh_errmap.train.sharding import make_mesh
-  from wh_errmap.workdir import record_config
+  from wh_errmap.utils.mesh import make_mesh
+  from wh_errmap.utils.workdir import record_config
   config = tiny_config()
   config.train.predictor.steps = 1
   record_config(run, config)

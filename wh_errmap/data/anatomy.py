@@ -16,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-from wh_errmap.data.nifti_io import MMWHS_CODES
+from wh_errmap.data.structures import MMWHS_CODES
 
 MYO, LA, LV, RA, RV, AO, PA = MMWHS_CODES
 

@@ -15,18 +15,17 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from wh_errmap.cache import default_cache_dir
 from wh_errmap.data.mmwhs import find_cases
 from wh_errmap.data.nifti_io import InvalidCaseError
 from wh_errmap.data.preprocess import PreprocessConfig, PreprocessedCase, preprocess_cached
 from wh_errmap.data.splits import fold_cases, load_or_create_splits
-from wh_errmap.progress import console
+from wh_errmap.utils.cache import default_cache_dir
+from wh_errmap.utils.progress import console
 
 Progress = Callable[[str], None]
 PHANTOM_VERSION = 1  # bump when the generator changes, so old caches are not reused
-
 
 
 def phantom_dir(cache_dir: str | os.PathLike, num_cases: int, seed: int,
@@ -50,18 +49,18 @@ class Dataset:
   cache_dir: Path                       # this data folder's cache (splits.json lives here)
   cases: dict[str, PreprocessedCase]    # by case id, sorted
   folds: list[dict]                     # [{"train": [...], "test": [...]}, ...]
+  preprocess: PreprocessConfig          # how the cases were preprocessed
 
   def fold(self, k: int) -> tuple[list[PreprocessedCase], list[PreprocessedCase]]:
     train, test = fold_cases(self.folds, k)
     return [self.cases[c] for c in train], [self.cases[c] for c in test]
 
-  def whole_scans(self, cases: Sequence[PreprocessedCase],
-                  config: PreprocessConfig) -> list[PreprocessedCase]:
+  def whole_scans(self, cases: Sequence[PreprocessedCase]) -> list[PreprocessedCase]:
     """`cases` as whole resampled scans, uncropped (cached beside the cropped ones). Test
     cases are scored this way: no crop around their ground truth, which only a scorer
     has; each mask being assessed is cropped around itself (evaluation, predict)."""
     return [preprocess_cached(case.properties["image_path"], case.properties["label_path"],
-                              self.cache_dir / "preprocessed", config, case.case_id,
+                              self.cache_dir / "preprocessed", self.preprocess, case.case_id,
                               whole=True)[0] for case in cases]
 
 
@@ -97,20 +96,22 @@ def prepare_dataset(data_dir: str | os.PathLike, cache_dir: str | os.PathLike,
   progress(f"{len(cases)} cases ready in {time.perf_counter() - start:.1f} s "
            f"(cache: {own_cache})")
   folds = load_or_create_splits(own_cache / "splits.json", list(cases), num_folds, split_seed)
-  return Dataset(Path(data_dir), own_cache, cases, folds)
+  return Dataset(Path(data_dir), own_cache, cases, folds, preprocess)
 
 
-def preprocess_config(config) -> PreprocessConfig:
-  """The PreprocessConfig of an experiment config's `preprocess` block."""
-  block = config.preprocess
-  return PreprocessConfig(spacing=tuple(block.spacing),
-                          clip_percentiles=tuple(block.clip_percentiles),
-                          margin_mm=block.margin_mm, crop_size=tuple(block.crop_size))
+def data_source(config: Mapping[str, Any]) -> str:
+  """Where a run's cases come from, in words, from its config (a ConfigDict, or the dict of
+  its config.json): the MMWHS folder, or the synthetic phantom."""
+  if config["data_dir"]:
+    return f"MMWHS {config['modality'].upper()} data in {config['data_dir']}"
+  return (f"the synthetic whole-heart phantom ({config['num_cases']} cases, seed "
+          f"{config['seed']}), not MMWHS data")
 
 
 def dataset_from_config(config, progress: Progress = console) -> Dataset:
   """`prepare_dataset` driven by an experiment config (see experiments/base.py)."""
   cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
   data_dir = config.data_dir or phantom_dir(cache_dir, config.num_cases, config.seed, progress)
-  return prepare_dataset(data_dir, cache_dir, config.modality, preprocess_config(config),
-                         config.splits.num_folds, config.seed, progress)
+  return prepare_dataset(data_dir, cache_dir, config.modality,
+                         PreprocessConfig.from_config(config), config.splits.num_folds,
+                         config.seed, progress)

@@ -11,20 +11,14 @@ No grain or scipy here: this module runs where only jax is installed.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-if TYPE_CHECKING:
-  from wh_errmap.data.pipeline import PreprocessedCase
-
-# Intensity of the background after preprocessing; padding uses it so padded voxels look
-# like air rather than tissue.
-IMAGE_PAD_VALUE = -1.0
-LABEL_PAD_VALUE = 0
-
+from wh_errmap.data.volumes import (IMAGE_PAD_VALUE, LABEL_PAD_VALUE, TrainingCase, check_case,
+                                    training_volumes)
 
 # Without a device memory size to go by, the training set goes on the device up to this.
 DEVICE_DATA_DEFAULT_BUDGET = 2 * 1024**3
@@ -32,7 +26,7 @@ DEVICE_DATA_DEFAULT_BUDGET = 2 * 1024**3
 DEVICE_DATA_MEMORY_SHARE = 0.25
 
 
-def use_device_data(setting: Any, cases: Sequence[PreprocessedCase]) -> bool:
+def use_device_data(setting: Any, cases: Sequence[TrainingCase]) -> bool:
   """Whether training crops are made on the device (input.on_device).
 
   "auto": on GPU/TPU when the stacked training set takes at most DEVICE_DATA_MEMORY_SHARE
@@ -51,36 +45,17 @@ def use_device_data(setting: Any, cases: Sequence[PreprocessedCase]) -> bool:
   return volumes_nbytes(cases) <= budget
 
 
-def training_volumes(cases: Sequence[PreprocessedCase]) -> list[tuple[np.ndarray, np.ndarray]]:
-  """[(image (X, Y, Z) float32, label (X, Y, Z) with the case's integer dtype)] of labelled cases.
-
-  Raises ValueError naming the case if one has no label or its image and label are not equal
-  3D shapes. The image is the case's own array when it already is float32.
-  """
-  for case in cases:
-    _check_case(case)
-  return [(np.asarray(case.image, np.float32), np.asarray(case.label)) for case in cases]
-
-
-def _check_case(case: PreprocessedCase) -> None:
-  if case.label is None:
-    raise ValueError(f"case {case.case_id} has no label; training needs labels")
-  if case.image.ndim != 3 or case.label.shape != case.image.shape:
-    raise ValueError(f"case {case.case_id}: image {case.image.shape} and label "
-                     f"{case.label.shape} must be equal (X, Y, Z) shapes")
-
-
-def _stacked_shape(cases: Sequence[PreprocessedCase]) -> tuple[int, int, int, int]:
+def _stacked_shape(cases: Sequence[TrainingCase]) -> tuple[int, int, int, int]:
   """(K, X, Y, Z) with (X, Y, Z) the largest extent of any case along each axis."""
   if not cases:
     raise ValueError("no cases to stack")
   for case in cases:
-    _check_case(case)
+    check_case(case)
   shapes = np.array([case.image.shape for case in cases])
   return (len(cases), *(int(n) for n in shapes.max(axis=0)))
 
 
-def volumes_nbytes(cases: Sequence[PreprocessedCase]) -> int:
+def volumes_nbytes(cases: Sequence[TrainingCase]) -> int:
   """Bytes that `stack_volumes(cases)` takes (image, label and shape arrays), without stacking.
 
   Lets a caller decide whether the training set fits in device memory.
@@ -90,7 +65,7 @@ def volumes_nbytes(cases: Sequence[PreprocessedCase]) -> int:
       + stacked[0] * 3 * np.dtype(np.int32).itemsize
 
 
-def stack_volumes(cases: Sequence[PreprocessedCase]) -> dict[str, np.ndarray]:
+def stack_volumes(cases: Sequence[TrainingCase]) -> dict[str, np.ndarray]:
   """All cases in one array each, padded at the far end to the largest shape.
 
   -> {"image": (K, X, Y, Z) float32, padded with IMAGE_PAD_VALUE; "label": (K, X, Y, Z) uint8,

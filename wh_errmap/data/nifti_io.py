@@ -18,13 +18,10 @@ from typing import BinaryIO, Callable
 import nibabel as nib
 import numpy as np
 
-from wh_errmap.atomic import atomic_path
+from wh_errmap.data.structures import MMWHS_CODES, NUM_CLASSES
 from wh_errmap.errors import UserError
+from wh_errmap.utils.atomic import atomic_path
 
-# MMWHS label codes -> class index (0 is background).
-MMWHS_CODES = (205, 420, 500, 550, 600, 820, 850)
-STRUCTURES = ("Myo", "LA", "LV", "RA", "RV", "AO", "PA")
-NUM_CLASSES = len(STRUCTURES) + 1
 # Header affines of an image and its label may differ by rounding in the writer.
 AFFINE_TOLERANCE = 1e-3
 # Volumes with more voxels are refused from their header, before any data is read. A
@@ -196,7 +193,7 @@ def _check_affine(path: Path, header: nib.Nifti1Header, affine: np.ndarray) -> N
                                  "do not span 3D space): no orientation can be derived")
 
 
-def _read(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+def read_volume_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
   """Loads an (X, Y, Z) volume and its affine, turning every failure into InvalidCaseError."""
   path = Path(path)
   if not path.is_file():
@@ -261,8 +258,8 @@ def load_case(image_path: str | os.PathLike,
               label_path: str | os.PathLike | None = None,
               case_id: str | None = None) -> Case:
   """Loads and validates an image (and its label), reoriented to RAS+."""
-  raw_image, affine = _read(image_path)
-  label = None if label_path is None else (*_read(label_path), label_path)
+  raw_image, affine = read_volume_file(image_path)
+  label = None if label_path is None else (*read_volume_file(label_path), label_path)
   return make_case((raw_image, affine, image_path), label,
                    case_id or case_id_from_path(image_path))
 

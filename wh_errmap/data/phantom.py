@@ -33,11 +33,11 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from wh_errmap.data.anatomy import (OUTLINE_SLACK_MM, Anatomy, Ellipsoid, draw_anatomy,
-                                    unit_vector)
-from wh_errmap.data.nifti_io import MMWHS_CODES, save_nifti
+from wh_errmap.data.anatomy import OUTLINE_SLACK_MM, Anatomy, Ellipsoid, draw_anatomy, unit_vector
+from wh_errmap.data.nifti_io import save_nifti
+from wh_errmap.data.structures import MMWHS_CODES
 from wh_errmap.errors import UserError
-from wh_errmap.progress import console
+from wh_errmap.utils.progress import console
 
 MYO, LA, LV, RA, RV, AO, PA = MMWHS_CODES
 # Later entries overwrite earlier ones where shapes overlap: the LV cavity sits inside the

@@ -20,23 +20,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import grain
 import jax
 import numpy as np
 from scipy import ndimage
 
-# The pad values live with the device crops, which must compute the same crops without scipy.
-from wh_errmap.data.device_crops import IMAGE_PAD_VALUE, LABEL_PAD_VALUE, training_volumes
-
-
-class PreprocessedCase(Protocol):
-  """What the pipeline reads from a case: (X, Y, Z) float32 image in [-1, 1] and an
-  (X, Y, Z) uint8 label with classes 0..7 (None for unlabelled cases)."""
-  case_id: str
-  image: np.ndarray
-  label: np.ndarray | None
+from wh_errmap.data.volumes import IMAGE_PAD_VALUE, LABEL_PAD_VALUE, TrainingCase, training_volumes
 
 
 class RandAxialSlice:
@@ -234,7 +225,7 @@ def shard_cases(cases: Sequence[Any], shard_index: int, shard_count: int) -> lis
   return list(cases[shard_index::shard_count])
 
 
-def train_dataset(cases: Sequence[PreprocessedCase], *, crop_size: Sequence[int],
+def train_dataset(cases: Sequence[TrainingCase], *, crop_size: Sequence[int],
                   batch_size: int, seed: int,
                   scale_range: tuple[float, float] = (0.9, 1.1),
                   flip_axes: Sequence[int] | None = None,
@@ -315,7 +306,7 @@ def train_dataset(cases: Sequence[PreprocessedCase], *, crop_size: Sequence[int]
   return ds.batch(batch_size, drop_remainder=True)
 
 
-def eval_volumes(cases: Iterable[PreprocessedCase]) -> Iterator[dict[str, Any]]:
+def eval_volumes(cases: Iterable[TrainingCase]) -> Iterator[dict[str, Any]]:
   """Whole preprocessed volumes, one case at a time, in the order of `cases`.
 
   Yields {"case_id": str, "image": (X, Y, Z, 1) float32, "label": (X, Y, Z) int32}; "label"

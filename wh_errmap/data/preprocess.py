@@ -23,9 +23,9 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
-from wh_errmap.atomic import atomic_path
 from wh_errmap.data.nifti_io import (Case, InvalidCaseError, case_id_from_path, from_canonical,
                                      load_case)
+from wh_errmap.utils.atomic import atomic_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +34,14 @@ class PreprocessConfig:
   clip_percentiles: tuple[float, float] = (0.5, 99.5)      # intensity clip before scaling
   margin_mm: float = 16.0                                  # least margin around the label
   crop_size: tuple[int, int, int] = (120, 120, 90)         # least crop size, voxels
+
+  @classmethod
+  def from_config(cls, config: Any) -> "PreprocessConfig":
+    """The PreprocessConfig of an experiment config's `preprocess` block (a run's, or a
+    model file's)."""
+    block = config.preprocess
+    return cls(spacing=tuple(block.spacing), clip_percentiles=tuple(block.clip_percentiles),
+               margin_mm=block.margin_mm, crop_size=tuple(block.crop_size))
 
   def to_json(self) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

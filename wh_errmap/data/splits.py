@@ -12,8 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from wh_errmap.atomic import write_json
 from wh_errmap.errors import UserError
+from wh_errmap.utils.atomic import write_json
 
 
 def make_splits(case_ids: Sequence[str], num_folds: int = 5, seed: int = 0) -> list[dict]:

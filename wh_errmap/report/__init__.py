@@ -1,4 +1,2 @@
-"""The cross-validation report of a run: Table 1, QI statistics, figures and report.md."""
-from wh_errmap.report.build import build_report
-
-__all__ = ["build_report"]
+"""The cross-validation report: Table 1, QI statistics, figures and the section beyond the
+paper, from the folds' records (`report.build.build_report`)."""

@@ -9,11 +9,12 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from wh_errmap.atomic import write_json, write_text
+from wh_errmap.data.dataset import data_source
 from wh_errmap.errors import UserError
-from wh_errmap.masks import MASK_TYPES
-from wh_errmap.report import figures, panels, qc, tables
+from wh_errmap.report import beyond_paper, figures, panels, tables
 from wh_errmap.report.folds import Fold, read_folds
+from wh_errmap.train.masks import MASK_TYPES
+from wh_errmap.utils.atomic import write_json, write_text
 
 # Figure file -> one-line caption in report.md.
 CAPTIONS = {
@@ -42,15 +43,11 @@ CAPTIONS = {
 }
 
 
-def data_source(workdir: Path) -> str:
-  """Where the run's cases come from, from its config.json: the MMWHS folder or the
-  synthetic phantom; "unknown data (no readable config.json)" without one."""
+def run_data_source(workdir: Path) -> str:
+  """Where the run's cases come from (`data_source`), from its config.json; "unknown data
+  (no readable config.json)" without one."""
   try:
-    config = json.loads((workdir / "config.json").read_text())
-    return (f"MMWHS {config['modality'].upper()} data in `{config['data_dir']}`"
-            if config["data_dir"] else
-            f"the synthetic whole-heart phantom ({config['num_cases']} cases, seed "
-            f"{config['seed']}), not MMWHS data")
+    return data_source(json.loads((workdir / "config.json").read_text()))
   except (OSError, ValueError, KeyError, TypeError):
     return "unknown data (no readable config.json)"
 
@@ -60,7 +57,7 @@ def _data_summary(workdir: Path) -> str | None:
   path = workdir / "config.json"
   try:
     config = json.loads(path.read_text())
-    data = data_source(workdir)
+    data = run_data_source(workdir)
     steps = ", ".join(f"{model} {config['train'][model]['steps']}"
                       for model in ("seg3d", "seg2d", "predictor"))
     spacing = " x ".join(f"{s:g}" for s in config["preprocess"]["spacing"])
@@ -97,7 +94,7 @@ def _markdown(workdir: Path, folds: Sequence[Fold], table1_md: str, qi_md: str,
               panels_drawn: bool, panel_notes: Sequence[str], qc_md: str) -> str:
   """report.md: what was run, Table 1, QI statistics and the figures with captions."""
   lines = ["# Error-map prediction and segmentation quality assessment: cross-validation "
-           "report", "", f"**Data source: {data_source(workdir)}.**", "",
+           "report", "", f"**Data source: {run_data_source(workdir)}.**", "",
            f"Run: `{workdir.resolve()}`. Rebuild with `python launch.py "
            f"--experiment=cv_report --workdir={workdir}`.", ""]
   lines += ["## What was run", ""]
@@ -169,7 +166,7 @@ def build_report(workdir: str | Path, num_folds: int = 5, threshold: float = 0.5
   rows = tables.table1(records)
   write_text(out / "table1.csv", tables.table1_csv(rows))
   table1_md = tables.table1_markdown(rows)
-  write_text(out / "table1.md", f"Table 1 on {data_source(workdir)}.\n\n{table1_md}")
+  write_text(out / "table1.md", f"Table 1 on {run_data_source(workdir)}.\n\n{table1_md}")
   stats = tables.qi_statistics({f.index: f.records for f in used})
   write_json(out / "qi_stats.json", stats)
   qi_md = tables.qi_markdown(stats)
@@ -177,13 +174,15 @@ def build_report(workdir: str | Path, num_folds: int = 5, threshold: float = 0.5
 
   bins = {f.index: json.loads((f.directory / "calibration.json").read_text()) for f in used
           if (f.directory / "calibration.json").exists()}
-  qc_stats = qc.qc_statistics({f.index: f.records for f in used}, bins, failure_dice)
+  qc_stats = beyond_paper.qc_statistics({f.index: f.records for f in used}, bins, failure_dice)
   write_json(out / "qc_stats.json", qc_stats)
-  qc_md = qc.qc_markdown(qc_stats)
+  qc_md = beyond_paper.qc_markdown(qc_stats)
   write_text(out / "qc_stats.md", qc_md)
-  qc.risk_coverage_figure(records, out / "risk_coverage.png")
-  qc.reliability_figure(qc.add_bins(list(bins.values())), out / "reliability.png")
-  if not qc.recalibration_figure({f.index: f.records for f in used}, out / "recalibration.png"):
+  beyond_paper.risk_coverage_figure(records, out / "risk_coverage.png")
+  beyond_paper.reliability_figure(beyond_paper.add_bins(list(bins.values())),
+                                  out / "reliability.png")
+  if not beyond_paper.recalibration_figure({f.index: f.records for f in used},
+                                           out / "recalibration.png"):
     (out / "recalibration.png").unlink(missing_ok=True)
 
   figures.dsc_histogram(records, out / "dsc_histogram.png")

@@ -12,9 +12,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
 
-from wh_errmap.atomic import atomic_path
-from wh_errmap.masks import MASK_TYPES
-from wh_errmap.report.tables import DASH, format_p
+from wh_errmap.report.tables import format_p
+from wh_errmap.train.masks import MASK_TYPES
+from wh_errmap.utils.atomic import atomic_path
+from wh_errmap.utils.text import number
 
 # Fig. 4's colour code: 0 GT, -1 final output, -2..-5 side outputs.
 LEVEL_COLORS = {0: "black", -1: "tab:red", -2: "tab:orange", -3: "tab:green", -4: "tab:blue",
@@ -118,11 +119,11 @@ def qi_vs_dsc(records: Sequence[Mapping[str, Any]], stats: Mapping[str, Any],
 
 
 def _pcc(stats: Mapping[str, Any]) -> str:
-  return DASH if stats["pcc"] is None else f"{stats['pcc']:.3f}"
+  return number(stats["pcc"], 3)
 
 
 def _mae(stats: Mapping[str, Any]) -> str:
-  return DASH if stats["mae"] is None else f"{stats['mae']:.4f}"
+  return number(stats["mae"], 4)
 
 
 def _p(stats: Mapping[str, Any]) -> str:

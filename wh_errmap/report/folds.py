@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from wh_errmap.evaluation import RECORD_FIELDS, read_records
-from wh_errmap.masks import MASK_TYPES
+from wh_errmap.cv.evaluate import RECORD_FIELDS, read_records
+from wh_errmap.train.masks import MASK_TYPES
 
 MODELS = ("seg3d", "seg2d", "predictor")
 

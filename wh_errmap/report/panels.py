@@ -16,12 +16,13 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from wh_errmap.data import MMWHS_CODES, STRUCTURES, load_case
+from wh_errmap.data.nifti_io import load_case
+from wh_errmap.data.structures import MMWHS_CODES, STRUCTURES
 from wh_errmap.errors import UserError
-from wh_errmap.masks import MASK_TYPES
 from wh_errmap.report.figures import save_figure
 from wh_errmap.report.folds import Fold
 from wh_errmap.report.tables import mask_type_label
+from wh_errmap.train.masks import MASK_TYPES
 
 # Besides its first available mask, the median case also shows these (when written): a
 # coarse side output has large errors, unlike the final outputs (the paper's Fig. 3 rows).

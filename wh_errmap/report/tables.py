@@ -8,8 +8,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from wh_errmap.masks import AUTO_MASK_TYPES, MASK_TYPES
-from wh_errmap.metrics import correlation_stats
+from wh_errmap.metrics.quality import correlations
+from wh_errmap.train.masks import AUTO_MASK_TYPES, MASK_TYPES
+from wh_errmap.utils.text import DASH, number
 
 # Table 1's metric columns: record field -> header.
 TABLE1_COLUMNS = {"err_dsc": "Err. DSC", "err_acc": "Err. Acc", "err_prec": "Err. Prec",
@@ -50,7 +51,8 @@ PAPER_TABLE1: dict[str, tuple[float, ...]] = {
 }
 # Eq. 4 of the paper, over its 220 masks (both PCCs with p < 0.0001).
 PAPER_QI = {"pcc_acc": 0.972, "pcc_dsc": 0.856, "mae_acc": 0.0048, "n": 220}
-DASH = "–"
+# qi_stats.json's name of each statistic -> its name in quality.correlations.
+QI_STATS_FIELDS = {"pcc": "pcc", "p_value": "pcc_p", "mae": "mae", "n": "n"}
 
 
 def table1(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -81,10 +83,6 @@ def table1_csv(rows: Sequence[Mapping[str, Any]]) -> str:
   return buffer.getvalue()
 
 
-def _number(value: float, digits: int = 4) -> str:
-  return DASH if value is None or math.isnan(value) else f"{value:.{digits}f}"
-
-
 def table1_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
   """Table 1 as Markdown; each cell is "this run (paper)"."""
   header = ["Mask type", "#Masks", *TABLE1_COLUMNS.values()]
@@ -93,7 +91,7 @@ def table1_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     paper = PAPER_TABLE1.get(row["row"])
     cells = [f"**{row['row']}**", f"{row['n_masks']} ({paper[0] if paper else DASH})"]
     for i, field in enumerate(TABLE1_COLUMNS, start=1):
-      cells.append(f"{_number(row[field])} ({_number(paper[i]) if paper else DASH})")
+      cells.append(f"{number(row[field])} ({number(paper[i]) if paper else DASH})")
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
@@ -106,14 +104,15 @@ def _clean(value: float | int) -> float | int | None:
 def qi_scope(records: Sequence[Mapping[str, Any]], qi_field: str = "qi") -> dict[str, Any]:
   """How well a quality indicator tracks the true Acc and DSC of `records`.
 
-  Returns {"n", "acc": correlation_stats(QI, Acc), "dsc": correlation_stats(QI, DSC)}, NaN
-  turned into None.
+  Returns {"n", "acc": {"pcc", "p_value", "mae", "n"} of QI against Acc, "dsc": the same
+  against DSC} (`quality.correlations`: pairs with a NaN side left out), NaN turned into
+  None.
   """
   qi = np.array([r[qi_field] for r in records], np.float64)
   result: dict[str, Any] = {"n": len(records)}
   for key, field in (("acc", "true_acc"), ("dsc", "seg_dsc")):
-    stats = correlation_stats(qi, np.array([r[field] for r in records], np.float64))
-    result[key] = {name: _clean(value) for name, value in stats.items()}
+    stats = correlations(qi, np.array([r[field] for r in records], np.float64))
+    result[key] = {name: _clean(stats[source]) for name, source in QI_STATS_FIELDS.items()}
   return result
 
 
@@ -149,8 +148,8 @@ def qi_markdown(stats: Mapping[str, Any]) -> str:
   for name, scope in scopes:
     acc, dsc = scope["acc"], scope["dsc"]
     lines.append(
-        f"| {name} | {scope['n']} | {_number(acc['pcc'], 3)} | {format_p(acc['p_value'])} | "
-        f"{_number(dsc['pcc'], 3)} | {format_p(dsc['p_value'])} | {_number(acc['mae'])} |")
+        f"| {name} | {scope['n']} | {number(acc['pcc'], 3)} | {format_p(acc['p_value'])} | "
+        f"{number(dsc['pcc'], 3)} | {format_p(dsc['p_value'])} | {number(acc['mae'])} |")
   paper = stats["paper"]
   lines.append(f"| Paper (all masks) | {paper['n']} | {paper['pcc_acc']:.3f} | < 0.0001 | "
                f"{paper['pcc_dsc']:.3f} | < 0.0001 | {paper['mae_acc']:.4f} |")

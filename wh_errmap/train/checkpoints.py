@@ -23,9 +23,11 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from wh_errmap.atomic import write_json
 from wh_errmap.errors import UserError
-from wh_errmap.progress import console
+from wh_errmap.train.state import create_state, make_optimizer
+from wh_errmap.utils.atomic import write_json
+from wh_errmap.utils.mesh import make_mesh
+from wh_errmap.utils.progress import console
 
 MANIFEST = "wh_errmap_manifest.json"
 QUARANTINE = "corrupt_checkpoints"
@@ -209,6 +211,21 @@ def restore_latest(directory: str | Path, state: Any, progress: Progress = conso
     write_json(directory.parent / QUARANTINE / ACKNOWLEDGED, sorted(
         set(lost) | set(_acknowledged(directory.parent / QUARANTINE))))
   return state, None, None
+
+
+def restore_variables(directory: str | Path, model: Any, optim: Any, num_steps: int,
+                      input_shape: tuple[int, ...], progress: Progress = console,
+                      ) -> tuple[dict[str, Any] | None, int | None]:
+  """A trained model's variables {"params", "batch_stats"} and step from its newest
+  restorable checkpoint, read-only (nothing in the run changes), on one device; (None, None)
+  when it has none. optim, num_steps: the optimizer config and schedule it was trained with
+  (the checkpoint holds the optimizer's state); input_shape: (N, *spatial, C) of its input."""
+  template = create_state(model, make_optimizer(optim, num_steps), input_shape,
+                          jax.random.key(0), make_mesh(jax.devices()[:1]))
+  state, _, step = restore_latest(directory, template, progress, read_only=True)
+  if step is None:
+    return None, None
+  return {"params": state.params, "batch_stats": state.batch_stats}, step
 
 
 def _acknowledged(root: Path) -> list[str]:

@@ -16,7 +16,7 @@ Faults:
   `<model>/corrupt_checkpoints/`, and the next older one is used; a checkpoint that fails
   to restore for any other reason stops the run with one line and nothing is moved.
 - SIGTERM or SIGINT (Ctrl-C) stop training at the next step boundary with a checkpoint, then
-  raise TrainingInterrupted; a second signal stops at once.
+  raise Interrupted; a second signal stops at once.
 - A non-finite loss (checked at every logged step) or non-finite parameters (checked before
   every checkpoint) raise TrainingDivergedError; no non-finite state is ever saved.
 """
@@ -34,14 +34,14 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import multihost
 from jax.experimental import multihost_utils
 
-from wh_errmap.atomic import write_text
 from wh_errmap.errors import UserError
 from wh_errmap.train.checkpoints import checkpoint_manager, restore_latest, write_manifest
-from wh_errmap.signals import CaughtSignals
-from wh_errmap.train.sharding import batch_shardings, global_batch, replicated
 from wh_errmap.train.state import TrainState
 from wh_errmap.train.steps import StepFn
-from wh_errmap.progress import console
+from wh_errmap.utils.atomic import write_text
+from wh_errmap.utils.mesh import batch_shardings, global_batch, replicated
+from wh_errmap.utils.progress import console
+from wh_errmap.utils.signals import CaughtSignals, Interrupted
 
 Progress = Callable[[str], None]
 MakeBatch = Callable[[Any, Any], Any]
@@ -49,14 +49,6 @@ MakeBatch = Callable[[Any, Any], Any]
 
 class TrainingDivergedError(UserError):
   """The loss or the parameters became NaN or Inf."""
-
-
-class TrainingInterrupted(UserError):
-  """SIGTERM/SIGINT stopped training after saving a checkpoint; exit_code is 128 + signal."""
-
-  def __init__(self, message: str, signum: int):
-    super().__init__(message)
-    self.exit_code = 128 + signum
 
 
 class _StopSignals(CaughtSignals):
@@ -302,7 +294,7 @@ def train(name: str, workdir: str | Path, *, state: TrainState, step_fn: StepFn,
           save(step)
         if stopping and step < last:
           manager.wait_until_finished()
-          raise TrainingInterrupted(
+          raise Interrupted(
               f"[{name}] stopped by {signal.Signals(stop.signum).name} after step "
               f"{step}/{num_steps}; a checkpoint is saved in {checkpoints}. Run the same "
               f"command again to resume", stop.signum)

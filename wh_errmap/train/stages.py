@@ -1,45 +1,32 @@
 """Training stages of a fold, built from an experiment config: the segmentors (3D, 2D) and
-the error-map predictor."""
+the error-map predictor. Each stage returns the trained variables; the models that use them
+are built for the mesh they run on (`models.factory`)."""
 from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import ml_collections
 
-from wh_errmap.data import NUM_CLASSES
-from wh_errmap.data.dataset import preprocess_config
 from wh_errmap.data.device_crops import crop_batch, stack_volumes, use_device_data
 from wh_errmap.data.pipeline import train_dataset
+from wh_errmap.data.preprocess import PreprocessConfig, PreprocessedCase
+from wh_errmap.data.structures import NUM_CLASSES
 from wh_errmap.errors import UserError
-from wh_errmap.masks import MaskSources, mask_sources
-from wh_errmap.precomputed import training_masks
-from wh_errmap.data.preprocess import PreprocessedCase
-from wh_errmap.models.voxresnet import VoxResNet
+from wh_errmap.models.factory import SEGMENTORS, predictor_model, segmentor_model
 from wh_errmap.train import loop
-from wh_errmap.train.sharding import model_layout
-from wh_errmap.train.state import create_state, make_model, make_optimizer
+from wh_errmap.train.losses import batch_dice
+from wh_errmap.train.masks import predictor_mask_sources
+from wh_errmap.train.precomputed import training_masks
+from wh_errmap.train.sharding import Layout, model_layout
+from wh_errmap.train.state import create_state, make_optimizer
 from wh_errmap.train.steps import make_predictor_step, make_segmentor_step
-from wh_errmap.progress import console
+from wh_errmap.utils.progress import console
 
-SEGMENTORS = {"seg3d": 3, "seg2d": 2}   # model name -> spatial dims
-
-
-def segmentor_model(config: ml_collections.ConfigDict, name: str, space: int = 1) -> VoxResNet:
-  return make_model(config.model, SEGMENTORS[name], NUM_CLASSES, space)
-
-
-def batch_dice(config: ml_collections.ConfigDict, name: str) -> bool:
-  """Whether segmentor `name` pools its soft Dice over the batch (config.loss.batch_dice)."""
-  names = config.loss.batch_dice
-  names = (names,) if isinstance(names, str) else tuple(names or ())
-  unknown = sorted(set(names) - set(SEGMENTORS))
-  if unknown:
-    raise UserError(f"loss.batch_dice names {', '.join(map(repr, unknown))}: it lists "
-                    f"segmentors, out of {', '.join(SEGMENTORS)} (or is empty)")
-  return name in names
+MODELS = (*SEGMENTORS, "predictor")   # the models of a fold, in training order
+Variables = dict[str, Any]   # {"params": ..., "batch_stats": ...}
 
 
 def training_input(config: ml_collections.ConfigDict, cases: Sequence[PreprocessedCase],
@@ -69,16 +56,27 @@ def training_input(config: ml_collections.ConfigDict, cases: Sequence[Preprocess
           "make_batch": functools.partial(crop_batch, crop_size=crop)}
 
 
+def model_layouts(config: ml_collections.ConfigDict, **devices: Any) -> dict[str, Layout]:
+  """The batch layout of every model of a fold ({"seg3d", "seg2d", "predictor"}), checked
+  against the devices (UserError naming the setting) before any data or training work.
+  devices: num_devices / num_processes of `model_layout` (default: this run's)."""
+  return {name: model_layout(config, name, **devices) for name in MODELS}
+
+
+def _loop_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The keyword arguments of loop.train that every model takes from the config."""
+  return {"log_every": config.train.log_every,
+          "checkpoint_every": config.train.checkpoint_every,
+          "keep_checkpoints": config.train.keep_checkpoints,
+          "allow_restart": config.get("overwrite", False)}
+
+
 def train_segmentor(config: ml_collections.ConfigDict, name: str,
                     train_cases: Sequence[PreprocessedCase], workdir: str | Path,
-                    progress: Callable[[str], None] = console,
-                    ) -> tuple[VoxResNet, dict[str, Any]]:
-  """Trains (or resumes, or just restores) segmentor `name` ("seg3d" or "seg2d").
-
-  Returns the model and its variables {"params", "batch_stats"}.
-  """
+                    layout: Layout, progress: Callable[[str], None] = console) -> Variables:
+  """Trains (or resumes, or just restores) segmentor `name` ("seg3d" or "seg2d") with the
+  batch `layout` (`model_layouts`). Returns its variables {"params", "batch_stats"}."""
   spatial_dims = SEGMENTORS[name]
-  layout = model_layout(config, name)
   model = segmentor_model(config, name, layout.space)
   crop = tuple(config.input.crop_3d if spatial_dims == 3 else config.input.crop_2d)
   schedule = config.train[name]
@@ -88,37 +86,22 @@ def train_segmentor(config: ml_collections.ConfigDict, name: str,
   state = create_state(model, tx, (layout.batch, *crop, 1),
                        jax.random.fold_in(rng, spatial_dims), mesh)
   feed = training_input(config, train_cases, crop, layout.per_process,
-                         config.seed + spatial_dims)
+                        config.seed + spatial_dims)
   state = loop.train(name, workdir, state=state, step_fn=make_segmentor_step(
                          model, config.loss, batch_dice(config, name)),
                      mesh=mesh, num_steps=schedule.steps, seed=config.seed,
-                     log_every=config.train.log_every,
-                     checkpoint_every=config.train.checkpoint_every,
-                     keep_checkpoints=config.train.keep_checkpoints,
-                     allow_restart=config.get("overwrite", False), progress=progress, **feed)
-  return model, {"params": state.params, "batch_stats": state.batch_stats}
+                     progress=progress, **_loop_settings(config), **feed)
+  return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def predictor_model(config: ml_collections.ConfigDict, space: int = 1) -> VoxResNet:
-  """The error-map predictor: a 3D VoxResNet from image + one-hot mask to one error logit."""
-  return make_model(config.model, 3, 1, space)
-
-
-def predictor_mask_sources(config: ml_collections.ConfigDict) -> MaskSources:
-  """config.predictor.mask_sources and .perturbations, checked (UserError)."""
-  predictor = config.predictor
-  return mask_sources(predictor.get("mask_sources", {"segmentors": 1.0}),
-                      predictor.get("perturbations"))
-
-
-def train_predictor(config: ml_collections.ConfigDict,
-                    segmentors: dict[str, tuple[VoxResNet, dict[str, Any]]],
+def train_predictor(config: ml_collections.ConfigDict, segmentors: Mapping[str, Variables],
                     train_cases: Sequence[PreprocessedCase], workdir: str | Path,
-                    progress: Callable[[str], None] = console,
-                    ) -> tuple[VoxResNet, dict[str, Any]]:
-  """Trains (or resumes, or restores) the error-map predictor on masks that the frozen
-  segmentors generate inside its step from the training crops."""
-  layout = model_layout(config, "predictor")
+                    layout: Layout, preprocess: PreprocessConfig,
+                    progress: Callable[[str], None] = console) -> Variables:
+  """Trains (or resumes, or restores) the error-map predictor with the batch `layout`, on
+  masks that the frozen segmentors (their variables by name) generate inside its step from
+  the training crops. preprocess: how the cases were preprocessed, for precomputed masks.
+  Returns its variables {"params", "batch_stats"}."""
   model = predictor_model(config, layout.space)
   crop = tuple(config.input.crop_predictor)
   schedule = config.train.predictor
@@ -130,7 +113,7 @@ def train_predictor(config: ml_collections.ConfigDict,
   masks = None
   if sources.precomputed > 0:   # the fold's training cases only: never a test case's mask
     masks, line = training_masks(config.predictor.mask_dirs, config.predictor.mask_labels,
-                                 train_cases, preprocess_config(config))
+                                 train_cases, preprocess)
     progress(line)
   feed = training_input(config, train_cases, crop, layout.per_process, config.seed + 1000,
                         masks)
@@ -139,12 +122,8 @@ def train_predictor(config: ml_collections.ConfigDict,
   seg3d, seg2d = (segmentor_model(config, name, layout.space) for name in SEGMENTORS)
   step = make_predictor_step(model, seg3d, seg2d, config.loss,
                              config.predictor.gt_probability, NUM_CLASSES, sources)
-  frozen = {name: variables for name, (_, variables) in segmentors.items()}
   state = loop.train("predictor", workdir, state=state, step_fn=step, mesh=mesh,
                      num_steps=schedule.steps, seed=config.seed + 1000,
-                     log_every=config.train.log_every,
-                     checkpoint_every=config.train.checkpoint_every,
-                     keep_checkpoints=config.train.keep_checkpoints,
-                     allow_restart=config.get("overwrite", False), frozen=frozen,
-                     progress=progress, **feed)
-  return model, {"params": state.params, "batch_stats": state.batch_stats}
+                     frozen={name: segmentors[name] for name in SEGMENTORS},
+                     progress=progress, **_loop_settings(config), **feed)
+  return {"params": state.params, "batch_stats": state.batch_stats}

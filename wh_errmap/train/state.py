@@ -1,4 +1,4 @@
-"""Train state, optimizer and model construction from config."""
+"""Train state and optimizer from config."""
 from __future__ import annotations
 
 from typing import Any
@@ -10,7 +10,7 @@ import ml_collections
 import optax
 
 from wh_errmap.models.voxresnet import VoxResNet
-from wh_errmap.train.sharding import replicated
+from wh_errmap.utils.mesh import replicated
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -25,44 +25,6 @@ class TrainState(flax.struct.PyTreeNode):
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
     return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
                         batch_stats=batch_stats, opt_state=opt_state)
-
-
-def compute_dtype(name: str) -> jnp.dtype:
-  """The model's compute dtype from config: "auto" is bfloat16 on GPU/TPU, float32 on CPU.
-
-  Parameters, batch statistics, optimizer state and losses stay float32 either way (mixed
-  precision); on the CPU bf16 arithmetic is emulated and slower than float32.
-  """
-  if name == "auto":
-    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
-  if name not in ("float32", "bfloat16"):
-    raise ValueError(f"model.dtype must be 'auto', 'float32' or 'bfloat16', got {name!r}")
-  return jnp.dtype(name)
-
-
-def conv_impl(name: str, space: int = 1) -> str:
-  """The model's convolution form: model.conv_impl, with "auto" resolved for a mesh whose
-  'space' axis splits each volume over `space` devices.
-
-  XLA partitions its own convolution along a split spatial axis with one halo exchange per
-  direction; the CPU's matmul form (Conv3) is a pad, shifted slices and a sum of shifted
-  partial products, each partitioned separately (a 3D layer's forward + backward on a volume
-  split over 4 CPU devices: 10 collective permutes against XLA's 6, same results). So
-  "auto" is XLA's convolution whenever space > 1; an explicit "matmul" is kept.
-  """
-  if name == "auto" and space > 1:
-    return "xla"
-  return name
-
-
-def make_model(model: ml_collections.ConfigDict, spatial_dims: int, num_classes: int,
-               space: int = 1) -> VoxResNet:
-  """A VoxResNet from a `model` config block (see experiments/base.py), for a mesh that
-  splits each volume over `space` devices (see conv_impl)."""
-  return VoxResNet(spatial_dims=spatial_dims, num_classes=num_classes, width1=model.width1,
-                   width2=model.width2, num_voxres=model.num_voxres, norm=model.norm,
-                   upsample=model.upsample, conv_impl=conv_impl(model.conv_impl, space),
-                   dtype=compute_dtype(model.dtype))
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int,

@@ -11,10 +11,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from wh_errmap.losses import error_map_loss, segmentation_loss
-from wh_errmap.masks import (AUTO_MASK_TYPES, MaskSources, auto_masks, perturbed_masks,
-                             pick_masks, predictor_input)
+from wh_errmap.models.inference import predictor_input
 from wh_errmap.models.voxresnet import VoxResNet
+from wh_errmap.train.losses import error_map_loss, segmentation_loss
+from wh_errmap.train.masks import (AUTO_MASK_TYPES, MaskSources, auto_masks, perturbed_masks,
+                                   pick_masks)
 from wh_errmap.train.state import TrainState
 
 Batch = dict[str, jax.Array]

@@ -1,0 +1,154 @@
+"""Whole-volume inference: the segmentors (3D directly, 2D slice by slice along Z) and the
+error-map predictor.
+
+Preprocessed volumes are about 120 x 120 x 90 voxels at 2 mm, small enough for one forward
+pass on one device; the 2D model sees the axial slices as one batch (in chunks to bound
+memory). Larger volumes (1 mm, or a large field of view) can be split along X over the
+'space' axis of a mesh (`inference_mesh`, `place`): the same jitted functions then run on
+every device of the mesh, XLA partitioning the convolutions.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wh_errmap.errors import UserError
+from wh_errmap.models.voxresnet import VoxResNet
+from wh_errmap.utils.mesh import check_split, make_mesh, replicated, volume_sharding
+
+
+def slicewise(model: VoxResNet, variables: Any, volume: jax.Array,
+              slice_chunk: int | None = None) -> dict[str, jax.Array]:
+  """Applies a 2D model to every axial (last spatial axis) slice of (N, X, Y, Z, C) volumes.
+
+  slice_chunk: run at most this many slices at once (bounds the memory of whole-volume
+  inference); None runs all slices as one batch.
+  Returns {output: (N, X, Y, Z, K)} logits.
+  """
+  n, x, y, z, c = volume.shape
+  slices = jnp.moveaxis(volume, 3, 1).reshape(n * z, x, y, c)
+  if slice_chunk is None:
+    outputs = model.apply(variables, slices, train=False)
+  else:
+    outputs = jax.lax.map(
+        lambda s: jax.tree.map(lambda o: o[0], model.apply(variables, s[None], train=False)),
+        slices, batch_size=slice_chunk)
+  return {name: jnp.moveaxis(logits.reshape(n, z, x, y, -1), 1, 3)
+          for name, logits in outputs.items()}
+
+
+def predictor_input(image: jax.Array, mask: jax.Array, num_classes: int) -> jax.Array:
+  """(N, *S, 1) image and (N, *S) mask -> (N, *S, 1 + num_classes) predictor input."""
+  return jnp.concatenate([image, jax.nn.one_hot(mask, num_classes, dtype=image.dtype)], -1)
+
+
+def inference_mesh(space: int | str, volume_x: int) -> jax.sharding.Mesh | None:
+  """The mesh whole-volume inference splits each volume over, from config mesh.space.
+
+  1: None (one device, jit's default); "auto": every local device; n: the first n local
+  devices. Local devices only: every process scores its own cases. volume_x: the X
+  length of the smallest volume, checked against the split (utils.mesh.check_split).
+  """
+  if space == 1:
+    return None
+  devices = jax.local_devices()
+  n = len(devices) if space == "auto" else int(space)
+  if n > len(devices):
+    raise UserError(f"mesh.space={space} is more than the {len(devices)} local devices")
+  if n == 1:
+    return None
+  check_split(volume_x, n, "the volume's X length")
+  return make_mesh(devices[:n], space=n)
+
+
+def place(mesh: jax.sharding.Mesh | None, variables: Any, *volumes: Any) -> tuple:
+  """(variables, *volumes) on `mesh`: variables replicated, each volume split along X; on
+  no mesh, unchanged (jit puts them on the default device)."""
+  if mesh is None:
+    return (variables, *volumes)
+  return (jax.device_put(variables, replicated(mesh)),
+          *(jax.device_put(v, volume_sharding(mesh)) for v in volumes))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "slice_chunk"))
+def segment_logits(model: VoxResNet, variables: Any, image: jax.Array,
+                   slice_chunk: int = 32) -> dict[str, jax.Array]:
+  """Logits of every output for one volume.
+
+  Args:
+    model: a VoxResNet with spatial_dims 3 (whole volume) or 2 (axial slices).
+    variables: {"params": ..., "batch_stats": ...}.
+    image: (X, Y, Z, C) float32 preprocessed volume (C = 1 for the segmentors).
+  Returns:
+    {"final", "side2".."side5"} -> (X, Y, Z, num_classes) float32 logits.
+  """
+  if model.spatial_dims == 3:
+    outputs = model.apply(variables, image[None], train=False)
+    return {name: logits[0] for name, logits in outputs.items()}
+  outputs = slicewise(model, variables, image[None], slice_chunk)
+  return {name: logits[0] for name, logits in outputs.items()}
+
+
+def segment_volume(model: VoxResNet, variables: Any, image: np.ndarray,
+                   mesh: jax.sharding.Mesh | None = None) -> dict[str, np.ndarray]:
+  """Label maps {"final", "side2".."side5"} -> (X, Y, Z) uint8 for a (X, Y, Z, 1) volume."""
+  return {name: labels for name, (labels, _) in
+          segment_volume_with_uncertainty(model, variables, image, mesh).items()}
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _labels_and_uncertainty(model: VoxResNet, variables: Any, image: jax.Array) -> dict:
+  logits = segment_logits(model, variables, image)
+  return {name: (jnp.argmax(value, axis=-1).astype(jnp.uint8),
+                 1.0 - jnp.max(jax.nn.softmax(value, axis=-1), axis=-1))
+          for name, value in logits.items()}
+
+
+def segment_volume_with_uncertainty(model: VoxResNet, variables: Any, image: np.ndarray,
+                                    mesh: jax.sharding.Mesh | None = None,
+                                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{output: ((X, Y, Z) uint8 labels, (X, Y, Z) float32 1 - max softmax probability)}.
+
+  1 - max softmax is the segmentor's own, ground-truth-free estimate that a voxel of its
+  mask is wrong: the uncertainty baseline the learned error map is compared with.
+  mesh: split the volume along X over this mesh (see inference_mesh); None: one device.
+  """
+  outputs = _labels_and_uncertainty(model, *place(mesh, variables, jnp.asarray(image)))
+  return {name: (np.asarray(labels), np.asarray(uncertainty))
+          for name, (labels, uncertainty) in outputs.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_classes"))
+def error_probability(model: VoxResNet, variables: Any, image: jax.Array, mask: jax.Array,
+                      num_classes: int) -> jax.Array:
+  """The predictor's error map of one mask.
+
+  Args:
+    image: (X, Y, Z, 1) float32 preprocessed volume; mask: (X, Y, Z) int classes.
+  Returns:
+    (X, Y, Z) float32 probability that each voxel of `mask` is wrong.
+  """
+  inputs = predictor_input(image[None], mask[None], num_classes)
+  return jax.nn.sigmoid(model.apply(variables, inputs, train=False)["final"][0, ..., 0])
+
+
+def predict_error_map(model: VoxResNet, variables: Any, image: np.ndarray, mask: np.ndarray,
+                      num_classes: int, mesh: jax.sharding.Mesh | None = None,
+                      shape_bucket: int = 1) -> np.ndarray:
+  """`error_probability` of NumPy inputs, split over `mesh` when given; (X, Y, Z) float32.
+
+  image: (X, Y, Z, 1); mask: (X, Y, Z). shape_bucket: pad both (edge values, as the model
+  pads to a multiple of 8) to a multiple of this per axis and crop the map back, so crops
+  of many sizes compile one program per bucket instead of one per size.
+  """
+  shape = np.asarray(mask.shape)
+  pad = [(0, int(p)) for p in -shape % max(1, shape_bucket)]
+  image = np.pad(image, pad + [(0, 0)], mode="edge")
+  mask = np.pad(np.asarray(mask, np.int32), pad, mode="edge")
+  prob = error_probability(model, *place(mesh, variables, jnp.asarray(image), jnp.asarray(mask)),
+                           num_classes)
+  return np.asarray(prob)[tuple(slice(0, int(n)) for n in shape)]

@@ -1,0 +1,116 @@
+"""The verdict of one assessed mask, and the checks that a case is unlike the training data.
+
+The verdict is the first rule that applies:
+- `fail`: the mask is empty;
+- `out_of_distribution`: the case is unlike the predictor's training data (see
+  `ood_reasons`), so its scores are not trusted;
+- `fail`: the mask misses a structure of its convention;
+- `fail`: mean predicted Dice below `failure_dice`;
+- `review`: mean predicted Dice below `failure_dice + review_band`, or one structure's
+  predicted Dice below `failure_dice`, or (calibrated predictors) the lower bound on the
+  true mean Dice below `failure_dice`;
+- `ok` otherwise.
+The mean is over the structures of the mask's convention; a missing one counts as 0.
+A predictor calibrated on the user's own cases (`--experiment=calibrate`) brings its
+error threshold, calibrated Dice (which the rules then read instead of the predicted
+Dice) and per-structure lower bounds on the true Dice (`qc.calibration`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from wh_errmap.data.structures import NUM_CLASSES, STRUCTURES
+from wh_errmap.data.training_reference import histogram_distance, intensity_histogram
+
+VERDICTS = ("ok", "review", "fail", "out_of_distribution")   # from best to worst
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Thresholds of the verdicts (config: predictor.threshold, report.*, qc.*)."""
+  threshold: float = 0.5          # error probability above which a voxel counts as wrong
+  failure_dice: float = 0.75      # mean predicted Dice below this: fail
+  review_band: float = 0.10       # ... below failure_dice + this: review
+  min_real_fraction: float = 0.5  # scan share of the assessed box below this: OOD
+  volume_factor: float = 2.0      # structure volume outside [min / f, max * f] of training
+  intensity_margin: float = 0.25  # histogram distance above training's largest + this
+
+  @classmethod
+  def from_config(cls, config) -> "Settings":
+    return cls(float(config.threshold), float(config.report.failure_dice),
+               float(config.report.review_band), float(config.qc.min_real_fraction),
+               float(config.qc.volume_factor), float(config.qc.intensity_margin))
+
+
+def ood_reasons(image: np.ndarray, mask: np.ndarray, valid: np.ndarray, properties: dict,
+                reference: dict | None, settings: Settings) -> list[str]:
+  """Why a case is unlike the predictor's training data (empty: it is not):
+    - the scan covers less than `min_real_fraction` of the assessed box (a small field of
+      view: most of what the predictor would see is padding);
+    - a structure's volume is outside the training range widened by `volume_factor`;
+    - the histogram of preprocessed intensities is farther from the training one (total
+      variation distance) than any training case's, plus `intensity_margin`.
+  Without a training reference only the first check runs.
+  """
+  reasons = []
+  fraction = float(valid.mean())
+  if fraction < settings.min_real_fraction:
+    extent = np.asarray(properties["canonical_shape"]) * np.asarray(
+        properties["canonical_spacing"])
+    reasons.append(f"the scan covers {fraction:.0%} of the assessed heart box (field of view "
+                   f"{' x '.join(f'{e:.0f}' for e in extent)} mm)")
+  if reference is None:
+    return reasons
+  ml = float(np.prod(properties["spacing"])) / 1000.0
+  counts = np.bincount(mask.ravel(), minlength=NUM_CLASSES)
+  f = settings.volume_factor
+  for c, name in enumerate(STRUCTURES, start=1):
+    low, high = reference["volume_ml"][name]
+    volume = counts[c] * ml
+    if counts[c] and not low / f <= volume <= high * f:
+      reasons.append(f"{name} volume {volume:.1f} ml is outside the training range "
+                     f"{low:.1f}-{high:.1f} ml (x{f:g})")
+  distance = histogram_distance(intensity_histogram(image, valid),
+                                reference["intensity_histogram"])
+  limit = reference["intensity_distance_max"] + settings.intensity_margin
+  if distance > limit:
+    reasons.append(f"intensity distribution unlike training (distance {distance:.2f} > "
+                   f"{limit:.2f})")
+  return reasons
+
+
+def verdict(scores: dict[str, Any], ood: list[str], settings: Settings,
+            ) -> tuple[str, list[str]]:
+  """(verdict, reasons) by the rules of the module docstring."""
+  if scores["empty"]:
+    return "fail", ["the mask is empty: none of the heart structures is labelled", *ood]
+  missing = [f"missing structure(s): {', '.join(scores['missing'])}"] if scores["missing"] else []
+  if ood:   # a scan cut short may lack structures: the scan's problem comes first
+    return "out_of_distribution", ood + missing
+  if missing:
+    return "fail", missing
+  # With a calibration the rules read the calibrated Dice, and "ok" also needs the lower
+  # bound on the true mean Dice to clear failure_dice.
+  calibrated = "calibrated_mean_dice" in scores
+  key, word = (("calibrated_dice", "calibrated Dice") if calibrated
+               else ("predicted_dice", "predicted Dice"))
+  mean = scores["calibrated_mean_dice" if calibrated else "mean_predicted_dice"]
+  low = settings.failure_dice
+  weak = [f"{name} {s[key]:.2f}" for name, s in scores["structures"].items()
+          if s.get(key) is not None and s[key] < low]
+  if mean < low:
+    return "fail", [f"mean {word} {mean:.3f} < {low:g}"]
+  bound = scores.get("mean_dice_lower_bound")
+  unsure = bound is not None and bound < low
+  if mean < low + settings.review_band or weak or unsure:
+    level = 1 - scores["calibration"]["alpha"] if calibrated else None
+    reasons = [f"mean {word} {mean:.3f} < {low + settings.review_band:g}"
+               if mean < low + settings.review_band else None,
+               f"{word} below {low:g}: {', '.join(weak)}" if weak else None,
+               f"the {level:.0%} lower bound on the mean Dice, {bound:.3f}, is below {low:g}"
+               if unsure else None]
+    return "review", [r for r in reasons if r]
+  return "ok", []
