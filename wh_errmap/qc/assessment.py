@@ -146,8 +146,8 @@ def assess(image: Volume, mask: Volume, model: Predictor | str | os.PathLike,
   pre = preprocess_case(case, preprocess)
   valid = valid_region(pre.properties)
   prob = np.where(valid, predictor.error_map(pre.image, pre.label), 0.0).astype(np.float32)
-  scores = _scores(pre.image, pre.label, prob, valid, pre.properties, predictor, convention,
-                   encoded, settings, calibration)
+  scores = assessment_scores(pre.image, pre.label, prob, valid, pre.properties, predictor,
+                             convention, encoded, settings, calibration)
   crop = {"image": pre.image, "mask": pre.label, "error_prob": prob, "valid": valid,
           "spacing": tuple(pre.properties["spacing"])}
   if reference is not None:
@@ -177,11 +177,15 @@ def true_scores(mask: np.ndarray, reference: np.ndarray, valid: np.ndarray,
           "accuracy": float(np.mean(m == r)) if m.size else None}
 
 
-def _scores(image: np.ndarray, mask: np.ndarray, prob: np.ndarray, valid: np.ndarray,
-            properties: dict, predictor: Predictor, convention: LabelConvention,
-            encoded: EncodedMask, settings: Settings,
-            calibration: Calibration | None = None) -> dict[str, Any]:
-  """Every score of one assessment, over the valid voxels only."""
+def assessment_scores(image: np.ndarray, mask: np.ndarray, prob: np.ndarray, valid: np.ndarray,
+                      properties: dict, predictor: Predictor, convention: LabelConvention,
+                      encoded: EncodedMask, settings: Settings,
+                      calibration: Calibration | None = None) -> dict[str, Any]:
+  """Every score of one assessment of a preprocessed (X, Y, Z) image, mask (classes 0..7) and
+  error probability, over the valid voxels only (the scan's own, where the assessed box
+  reaches past it): the predicted errors and mask voxels of the padding count nowhere."""
+  prob = np.where(valid, prob, 0.0)
+  mask = np.where(valid, mask, 0)
   ml = float(np.prod(properties["spacing"])) / 1000.0
   tp, fp, fn = predicted_dice_terms(mask, prob, NUM_CLASSES, 1)
   counts = np.bincount(mask.ravel(), minlength=NUM_CLASSES)
