@@ -42,11 +42,18 @@ def reference_morph(mask: np.ndarray, label: int, radius: int, dilate: bool) -> 
   return out
 
 
-def reference_shift(mask: np.ndarray, label: int, offset: tuple[int, int, int]) -> np.ndarray:
-  structure = mask == label
-  moved = np.zeros_like(structure)
+def reference_shift(mask: np.ndarray, label: int | None, offset: tuple[int, int, int],
+                    whole: bool = False) -> np.ndarray:
+  """Structure `label` moved by `offset`, no wrap-around; whole: the whole class map moved
+  (what leaves it is lost, what it vacates is 0)."""
   src = tuple(slice(max(0, -o), n - max(0, o)) for o, n in zip(offset, mask.shape))
   dst = tuple(slice(max(0, o), n - max(0, -o)) for o, n in zip(offset, mask.shape))
+  if whole:
+    moved = np.zeros_like(mask)
+    moved[dst] = mask[src]
+    return moved
+  structure = mask == label
+  moved = np.zeros_like(structure)
   moved[dst] = structure[src]
   return np.where(moved, label, np.where(structure, 0, mask))
 
@@ -179,13 +186,104 @@ def test_perturb_with_zero_rates_is_the_identity():
   np.testing.assert_array_equal(perturb(masks, jax.random.key(0), NO_PERTURBATION, K), masks)
 
 
-@pytest.mark.parametrize("rate", ["erode_dilate_rate", "remove_rate", "swap_rate",
-                                  "shift_rate", "boundary_noise_rate", "slice_failure_rate"])
-def test_perturb_applies_a_kind_with_rate_one(rate):
+def _is_kind(kind: str, mask: np.ndarray, got: np.ndarray) -> bool:
+  """Whether `got` is one perturbation of `kind` (default magnitudes) of `mask`, by the
+  NumPy/scipy references of this file: some structure, radius, offset or slab gives it."""
+  s, present = P.Settings(), [int(c) for c in np.unique(mask) if c]
+  if kind == "erode_dilate_rate":
+    return any((got == reference_morph(mask, c, r, d)).all() for c in present
+               for r in range(1, s.max_radius + 1) for d in (False, True))
+  if kind == "remove_rate":
+    return any((got == np.where(mask == c, 0, mask)).all() for c in present)
+  if kind == "swap_rate":
+    return any((got == np.where(mask == a, b, np.where(mask == b, a, mask))).all()
+               for a in present for b in present if a < b)
+  if kind == "shift_rate":
+    span = range(-s.max_shift, s.max_shift + 1)
+    return any((got == reference_shift(mask, c, (a, b, d))).all() for c in present
+               for a in span for b in span for d in span if (a, b, d) != (0, 0, 0))
+  if kind == "boundary_noise_rate":
+    padded = np.pad(mask, 1, mode="edge")
+    neighbours = np.stack([np.roll(padded, sh, a)[1:-1, 1:-1, 1:-1]
+                           for a in range(3) for sh in (1, -1)])
+    changed = got != mask
+    return bool(changed.any() and (neighbours != mask).any(0)[changed].all()
+                and (neighbours == got)[:, changed].any(0).all())
+  slices = np.flatnonzero((got != mask).any((0, 1)))   # slice_failure_rate
+  if not 1 <= len(slices) <= s.max_slices or slices[-1] - slices[0] != len(slices) - 1:
+    return False
+  slab = slice(slices[0], slices[-1] + 1)
+  if (got[:, :, slab] == 0).all():
+    return True
+  span = range(-s.max_slab_shift, s.max_slab_shift + 1)
+  return any((got[:, :, slab] == reference_shift(mask, None, (a, b, 0), whole=True)[:, :, slab]
+              ).all() for a in span for b in span if (a, b) != (0, 0))
+
+
+KINDS = ["erode_dilate_rate", "remove_rate", "swap_rate", "shift_rate", "boundary_noise_rate",
+         "slice_failure_rate"]
+
+
+@pytest.mark.parametrize("rate", KINDS)
+def test_perturb_applies_the_kind_with_rate_one(rate):
+  # Every sample is exactly one perturbation of that kind of its mask (some structure,
+  # magnitude or slab gives it), not merely a changed mask: another kind applied instead,
+  # or two at once, fails.
   masks = batch(phantom(), phantom(), phantom())
   settings = dataclasses.replace(NO_PERTURBATION, **{rate: 1.0})
   out = np.asarray(perturb(masks, jax.random.key(7), settings, K))
-  assert all((o != phantom()).any() for o in out)
+  for got in out:
+    assert (got != phantom()).any() and _is_kind(rate, phantom(), got)
+
+
+# ---------------------------------------------------------------- the draws' ranges
+# Each draw is checked over enough samples that missing one of its values by chance is
+# below 1e-9; the expected sets come from the documented ranges, written out here.
+
+
+def test_shift_offsets_reach_every_nonzero_offset_and_nothing_else():
+  # One voxel of class 1 at the centre of a 7^3 volume: its new position is the offset.
+  # 124 offsets, 4000 draws: a given one is missed with probability (123/124)^4000 < 1e-13.
+  mask = np.zeros((7, 7, 7), np.int32)
+  mask[3, 3, 3] = 1
+  out = np.asarray(shift(batch(*[mask] * 4000), jax.random.key(11), 2, K))
+  seen = {tuple(int(v) for v in np.argwhere(got == 1)[0] - 3) for got in out}
+  expected = {(a, b, c) for a in range(-2, 3) for b in range(-2, 3) for c in range(-2, 3)}
+  assert seen == expected - {(0, 0, 0)}
+
+
+def test_slab_starts_thicknesses_and_offsets_reach_their_whole_ranges():
+  # A (3, 3, 6) volume whose in-plane voxels all differ: a moved slab shows its offset at the
+  # centre, an erased one is 0. Depth 6, max_slices 3: (start, thickness) ranges over the 15
+  # pairs with start + thickness <= 6; the offset over the 8 nonzero ones in [-1, 1]^2.
+  # 3000 draws: a pair (p >= 1/18) or an offset (p = 1/16) is missed with p < 1e-70.
+  mask = np.broadcast_to(np.arange(1, 10, dtype=np.int32).reshape(3, 3, 1), (3, 3, 6)).copy()
+  out = np.asarray(slice_failure(batch(*[mask] * 3000), jax.random.key(12), 3, 1, K))
+  slabs, offsets, erased = set(), set(), 0
+  for got in out:
+    slices = np.flatnonzero((got != mask).any((0, 1)))
+    assert len(slices) and slices[-1] - slices[0] == len(slices) - 1
+    slabs.add((int(slices[0]), len(slices)))
+    centre = int(got[1, 1, slices[0]])
+    if (got[:, :, slices] == 0).all():
+      erased += 1
+    else:
+      source = np.argwhere(mask[:, :, 0] == centre)[0]
+      offsets.add((1 - int(source[0]), 1 - int(source[1])))
+  assert slabs == {(start, t) for t in (1, 2, 3) for start in range(0, 6 - t + 1)}
+  assert offsets == {(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)} - {(0, 0)}
+  assert 0.4 < erased / len(out) < 0.6   # erased or moved, 50/50
+
+
+def test_erosion_and_dilation_radii_reach_1_to_max_radius():
+  # A 7-voxel cube in a 15^3 volume: along the line through its centre, dilation by r makes
+  # it 7 + 2r long, erosion 7 - 2r. 600 draws: a (radius, direction) pair, p = 1/6, is
+  # missed with probability (5/6)^600 < 1e-47.
+  mask = np.zeros((15, 15, 15), np.int32)
+  mask[4:11, 4:11, 4:11] = 1
+  out = np.asarray(erode_dilate(batch(*[mask] * 600), jax.random.key(13), 3, K))
+  seen = {int((got[:, 7, 7] == 1).sum()) - 7 for got in out}
+  assert seen == {-6, -4, -2, 2, 4, 6}
 
 
 def test_perturb_is_per_sample_and_deterministic_under_jit():
