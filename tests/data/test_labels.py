@@ -173,6 +173,19 @@ def test_detect_accepts_mmwhs_and_refuses_other_values():
   assert "--labels" in message and "totalsegmentator" in message and "1:RV" in message
 
 
+@pytest.mark.parametrize("values", [[0, 205, 500, 3], [205, 420, 500, 550, 600, 820, 850, 1],
+                                    [0, 850, 206], [420, 1000]])
+def test_a_mask_mixing_mmwhs_codes_with_other_values_is_not_read_as_mmwhs(values):
+  # One foreign value is enough: read as MMWHS it would silently drop to background (an
+  # nnU-Net mask whose classes happen to include a 205 would lose its other structures).
+  foreign = [v for v in values if v != 0 and v not in MMWHS_CODES]
+  with pytest.raises(InvalidCaseError) as error:
+    detect("mixed.nii.gz", np.array(values, np.int32))
+  message = _one_line(error)
+  assert message.startswith("mixed.nii.gz") and "--labels" in message
+  assert all(str(v) in message for v in foreign)
+
+
 def test_to_json_round_trip():
   for convention in (MMWHS, TOTALSEGMENTATOR, parse_labels("4:RV,9:LA")):
     stored = json.loads(json.dumps(convention.to_json()))

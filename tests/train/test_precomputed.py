@@ -82,3 +82,20 @@ def test_the_step_trains_on_the_batchs_precomputed_masks():
   # Sample 1 has no mask: it keeps the (ground-truth) fallback, error-free.
   assert float(metrics["precomputed_fraction"]) == 0.5
   assert float(metrics["true_error_rate"]) == pytest.approx(64 / (2 * 16 * 16 * 8))
+
+
+@pytest.mark.parametrize("order", [("a", "a_1", "a_10"), ("a_10", "a_1", "a"), ("a_1", "a", "a_10")])
+def test_case_ids_that_prefix_one_another_each_get_their_own_files(tmp_path, order):
+  # Case ids a, a_1, a_10: `a_1_x` is a mask of a_1 (not of a), `a_10` one of a_10 (not of
+  # a_1), whatever order the ids come in. Expected by the rule CASE.nii[.gz] / CASE_*.nii[.gz]
+  # with the longest matching id winning, written out by hand.
+  names = ["a.nii.gz", "a_x.nii", "a_1.nii.gz", "a_1_x.nii.gz", "a_10.nii.gz", "a_10_x.nii",
+           "a_2.nii.gz", "b.nii.gz", "a.txt"]
+  for name in names:
+    (tmp_path / name).write_bytes(b"")
+  found, ignored = find_masks([tmp_path], list(order))
+  assert {case: [p.name for p in paths] for case, paths in found.items()} == {
+      "a": ["a.nii.gz", "a_2.nii.gz", "a_x.nii"],
+      "a_1": ["a_1.nii.gz", "a_1_x.nii.gz"],
+      "a_10": ["a_10.nii.gz", "a_10_x.nii"]}
+  assert ignored == ["b.nii.gz"]
