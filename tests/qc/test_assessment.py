@@ -3,6 +3,7 @@ verdicts, qc.tsv, the gallery, the model file and the in-memory API."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -14,8 +15,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
 from experiments import export_model, predict
+from tests.conftest import ROOT
 from tests.train.tiny import tiny_predictor_run
 from wh_errmap import qc
 from wh_errmap.data.labels import TOTALSEGMENTATOR_NAMES
@@ -26,7 +27,7 @@ from wh_errmap.data.structures import STRUCTURES
 from wh_errmap.data.training_reference import write_reference
 from wh_errmap.errors import UserError
 from wh_errmap.models.inference import error_probability
-from wh_errmap.qc.predictor import load_predictor, load_predictor_file
+from wh_errmap.qc.predictor import Predictor, load_predictor, load_predictor_file
 
 MMWHS = dict(zip(STRUCTURES, (205, 420, 500, 550, 600, 820, 850)))
 # An nnU-Net dataset in another order than MMWHS's, with one class that is not a heart
@@ -58,6 +59,13 @@ def run_dir(tmp_path_factory):
 def phantom(tmp_path_factory):
   """(image, MMWHS-coded label, affine) of one phantom case."""
   return make_phantom_case(seed=3, index=1)
+
+
+class EverythingWrong(Predictor):
+  """Error probability 0.9 on every voxel of the assessed box."""
+
+  def error_map(self, image, mask):
+    return np.full(mask.shape, 0.9, np.float32)
 
 
 def recode(label: np.ndarray, values: dict[str, int]) -> np.ndarray:
@@ -113,7 +121,11 @@ def test_nnunet_folder_with_dataset_json_in_another_label_order(run_dir, phantom
   assert set(np.unique(by_structure)) <= {0, *NNUNET_VALUE.values()}
   rows = read_tsv(out / "qc.tsv")
   assert [r["pair"] for r in rows] == ["heart_001__heart_001", "heart_002__heart_002"]
-  assert all(r["verdict"] in qc.VERDICTS and r["dropped_labels"] == "8" for r in rows)
+  # The same anatomy read in MMWHS codes gets the same scores and verdict (the coronary
+  # voxels, dropped, lie in the background).
+  assert all(r["verdict"] == mmwhs.scores["verdict"] and r["dropped_labels"] == "8"
+             and float(r["mean_predicted_dice"]) == pytest.approx(
+                 mmwhs.scores["mean_predicted_dice"], abs=1e-4) for r in rows)
   # The label files for ITK-SNAP and Slicer name the user's values.
   slicer = [line.split() for line in (out / "labels.slicer.ctbl").read_text().splitlines()
             if line.strip() and not line.startswith("#")]
@@ -182,7 +194,10 @@ def test_a_small_field_of_view_is_out_of_distribution_and_padding_is_not_assesse
   image, label, affine = phantom
   centre = [int(np.mean(i)) for i in np.nonzero(label)]
   box = tuple(slice(c - 2, c + 3) for c in centre)
-  predictor = load_predictor(run_dir, 0)
+  # A predictor that calls every voxel wrong, the padding's too: QI is 0 over the scan's
+  # voxels (over the whole box it would be near 1).
+  trained = load_predictor(run_dir, 0)
+  predictor = EverythingWrong(*(getattr(trained, f.name) for f in dataclasses.fields(trained)))
   small = qc.assess(nib.Nifti1Image(image[box], affine), nib.Nifti1Image(label[box], affine),
                     predictor, labels="mmwhs", progress=lambda _: None)
   assert small.scores["verdict"] == "out_of_distribution"
@@ -191,8 +206,8 @@ def test_a_small_field_of_view_is_out_of_distribution_and_padding_is_not_assesse
   assert small.scores["assessed_voxels"] < 0.01 * small.scores["box_voxels"]
   valid = small.crop["valid"]
   assert (small.crop["error_prob"][~valid] == 0).all()
-  expected = 1 - ((small.crop["error_prob"] > 0.5) & valid).sum() / valid.sum()
-  assert small.scores["qi"] == pytest.approx(expected)
+  assert (small.crop["error_prob"][valid] == pytest.approx(0.9))
+  assert small.scores["qi"] == 0.0 and small.scores["soft_qi"] == pytest.approx(0.1)
 
 
 def test_structure_volumes_far_from_training_are_out_of_distribution(run_dir, phantom):
@@ -228,7 +243,7 @@ def test_assess_in_memory_writes_nothing(run_dir, phantom, tmp_path, monkeypatch
   assert list(tmp_path.iterdir()) == []
   assert result.error_prob.shape == image.shape and result.error_prob.dtype == np.float32
   assert set(result.scores["structures"]) == set(STRUCTURES)
-  assert result.scores["verdict"] in qc.VERDICTS
+  np.testing.assert_array_equal(result.error, result.error_prob > result.scores["threshold"])
   written = result.write(tmp_path, "x")
   assert sorted(p.name for p in written.values()) == [
       "x_error.nii.gz", "x_error_prob.nii.gz", "x_errors_by_structure.nii.gz"]

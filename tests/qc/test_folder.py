@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from tests.conftest import ROOT
 from experiments import predict
+from tests.conftest import ROOT
 from tests.train.tiny import (tiny_config, tiny_predictor_run, tiny_segmentors,
                               train_tiny_predictor)
 from wh_errmap.qc import folder as folder_lib

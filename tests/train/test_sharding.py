@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
 from experiments import base
+from tests.conftest import ROOT
 from wh_errmap.errors import UserError
 from wh_errmap.train.sharding import Layout, lr_factor, model_layout, plan_layout
 from wh_errmap.utils.mesh import batch_sharding, global_batch, make_mesh
