@@ -84,7 +84,8 @@ def test_the_step_trains_on_the_batchs_precomputed_masks():
   assert float(metrics["true_error_rate"]) == pytest.approx(64 / (2 * 16 * 16 * 8))
 
 
-@pytest.mark.parametrize("order", [("a", "a_1", "a_10"), ("a_10", "a_1", "a"), ("a_1", "a", "a_10")])
+@pytest.mark.parametrize("order", [("a", "a_1", "a_10"), ("a_10", "a_1", "a"),
+                                   ("a_1", "a", "a_10")])
 def test_case_ids_that_prefix_one_another_each_get_their_own_files(tmp_path, order):
   # Case ids a, a_1, a_10: `a_1_x` is a mask of a_1 (not of a), `a_10` one of a_10 (not of
   # a_1), whatever order the ids come in. Expected by the rule CASE.nii[.gz] / CASE_*.nii[.gz]

@@ -292,9 +292,7 @@ class TestScans:
   @classmethod
   def of(cls, dataset: Dataset, test_cases: Sequence[PreprocessedCase],
          space: int | str) -> "TestScans":
-    cases = dataset.whole_scans(test_cases)
-    return cls(cases, inference_mesh(space, min(c.image.shape[0] for c in cases)),
-               dataset.preprocess)
+    return cls(dataset.whole_scans(test_cases), inference_mesh(space), dataset.preprocess)
 
   def _models(self, config: ml_collections.ConfigDict, segmentors: Mapping[str, Any],
               predictor: Any = None) -> tuple[dict[str, Model], Model | None]:

@@ -5,20 +5,22 @@ Preprocessed volumes are about 120 x 120 x 90 voxels at 2 mm, small enough for o
 pass on one device; the 2D model sees the axial slices as one batch (in chunks to bound
 memory). Larger volumes (1 mm, or a large field of view) can be split along X over the
 'space' axis of a mesh (`inference_mesh`, `place`): the same jitted functions then run on
-every device of the mesh, XLA partitioning the convolutions.
+every device of the mesh, XLA partitioning the convolutions. A volume of any shape splits:
+X is edge-padded to a length that splits (`split_length`) and the outputs cropped back.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any
+import math
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from wh_errmap.errors import UserError
-from wh_errmap.models.voxresnet import VoxResNet
-from wh_errmap.utils.mesh import check_split, make_mesh, replicated, volume_sharding
+from wh_errmap.models.voxresnet import SIZE_MULTIPLE, VoxResNet
+from wh_errmap.utils.mesh import SPACE_AXIS, make_mesh, replicated, volume_sharding
 
 
 def slicewise(model: VoxResNet, variables: Any, volume: jax.Array,
@@ -46,12 +48,12 @@ def predictor_input(image: jax.Array, mask: jax.Array, num_classes: int) -> jax.
   return jnp.concatenate([image, jax.nn.one_hot(mask, num_classes, dtype=image.dtype)], -1)
 
 
-def inference_mesh(space: int | str, volume_x: int) -> jax.sharding.Mesh | None:
+def inference_mesh(space: int | str) -> jax.sharding.Mesh | None:
   """The mesh whole-volume inference splits each volume over, from config mesh.space.
 
   1: None (one device, jit's default); "auto": every local device; n: the first n local
-  devices. Local devices only: every process scores its own cases. volume_x: the X
-  length of the smallest volume, checked against the split (utils.mesh.check_split).
+  devices. Local devices only: every process scores its own cases. Any volume splits over
+  it: `segment_volume_with_uncertainty` and `predict_error_map` pad X (`split_length`).
   """
   if space == 1:
     return None
@@ -61,8 +63,28 @@ def inference_mesh(space: int | str, volume_x: int) -> jax.sharding.Mesh | None:
     raise UserError(f"mesh.space={space} is more than the {len(devices)} local devices")
   if n == 1:
     return None
-  check_split(volume_x, n, "the volume's X length")
   return make_mesh(devices[:n], space=n)
+
+
+def split_length(length: int, mesh: jax.sharding.Mesh | None) -> int:
+  """The X length a volume of `length` voxels is edge-padded to before it is split over
+  `mesh` (its outputs are cropped back): a multiple of the devices and of the model's
+  SIZE_MULTIPLE (so its own padding keeps the split even), and at least SIZE_MULTIPLE per
+  device (which keeps the split convolutions exact; see utils.mesh.MIN_SPLIT_VOXELS).
+  `length` itself without a mesh."""
+  if mesh is None:
+    return length
+  space = mesh.shape[SPACE_AXIS]
+  step = math.lcm(SIZE_MULTIPLE, space)
+  return max(SIZE_MULTIPLE * space, -(-length // step) * step)
+
+
+def _edge_pad(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+  """`volume` edge-padded at the far end of its leading axes to `shape` (as the model pads
+  its own input: border voxels see replicated content)."""
+  pad = [(0, n - m) for n, m in zip(shape, volume.shape)]
+  pad += [(0, 0)] * (volume.ndim - len(pad))
+  return np.pad(volume, pad, mode="edge") if any(p for _, p in pad) else volume
 
 
 def place(mesh: jax.sharding.Mesh | None, variables: Any, *volumes: Any) -> tuple:
@@ -117,8 +139,10 @@ def segment_volume_with_uncertainty(model: VoxResNet, variables: Any, image: np.
   mask is wrong: the uncertainty baseline the learned error map is compared with.
   mesh: split the volume along X over this mesh (see inference_mesh); None: one device.
   """
-  outputs = _labels_and_uncertainty(model, *place(mesh, variables, jnp.asarray(image)))
-  return {name: (np.asarray(labels), np.asarray(uncertainty))
+  x = image.shape[0]
+  padded = _edge_pad(np.asarray(image), (split_length(x, mesh),))
+  outputs = _labels_and_uncertainty(model, *place(mesh, variables, jnp.asarray(padded)))
+  return {name: (np.asarray(labels)[:x], np.asarray(uncertainty)[:x])
           for name, (labels, uncertainty) in outputs.items()}
 
 
@@ -143,12 +167,15 @@ def predict_error_map(model: VoxResNet, variables: Any, image: np.ndarray, mask:
 
   image: (X, Y, Z, 1); mask: (X, Y, Z). shape_bucket: pad both (edge values, as the model
   pads to a multiple of 8) to a multiple of this per axis and crop the map back, so crops
-  of many sizes compile one program per bucket instead of one per size.
+  of many sizes compile one program per bucket instead of one per size; along X also to a
+  length that splits over the mesh (`split_length`).
   """
-  shape = np.asarray(mask.shape)
-  pad = [(0, int(p)) for p in -shape % max(1, shape_bucket)]
-  image = np.pad(image, pad + [(0, 0)], mode="edge")
-  mask = np.pad(np.asarray(mask, np.int32), pad, mode="edge")
+  shape = mask.shape
+  bucket = max(1, shape_bucket)
+  padded = [-(-n // bucket) * bucket for n in shape]
+  padded[0] = split_length(padded[0], mesh)
+  image = _edge_pad(image, padded)
+  mask = _edge_pad(np.asarray(mask, np.int32), padded)
   prob = error_probability(model, *place(mesh, variables, jnp.asarray(image), jnp.asarray(mask)),
                            num_classes)
   return np.asarray(prob)[tuple(slice(0, int(n)) for n in shape)]
