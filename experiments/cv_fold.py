@@ -19,10 +19,10 @@ import ml_collections
 import numpy as np
 
 from . import base
-from wh_errmap.cv.evaluate import TestScans, read_records
+from wh_errmap.cv.evaluate import TestScans, read_records, reference_masks
 from wh_errmap.cv.run import open_run
 from wh_errmap.data.dataset import Dataset, data_source
-from wh_errmap.data.training_reference import REFERENCE_FILE, write_reference
+from wh_errmap.data.training_reference import read_reference, write_reference
 from wh_errmap.errors import UserError
 from wh_errmap.metrics.quality import correlations
 from wh_errmap.models.factory import SEGMENTORS
@@ -102,8 +102,10 @@ def _run_fold(config: ml_collections.ConfigDict, workdir: str, dataset: Dataset,
     return
   predictor = train_predictor(config, segmentors, train_cases, fold_dir, layouts["predictor"],
                               dataset.preprocess)
-  if scorer and not (fold_dir / "predictor" / REFERENCE_FILE).exists():
-    write_reference(fold_dir / "predictor", train_cases)   # for predict's checks
+  if scorer and "appearance" not in (read_reference(fold_dir / "predictor") or {}):
+    # predict's out-of-distribution checks; the appearances need the segmentors' masks
+    write_reference(fold_dir / "predictor", train_cases,
+                    reference_masks(config, segmentors, train_cases))
   if "evaluate" in stages and scorer:
     if (fold_dir / "records.json").exists() and config.stage == "all":
       console(f"[evaluate] records exist in {fold_dir}: not redone")

@@ -17,10 +17,12 @@ from pathlib import Path
 import ml_collections
 
 from . import base
+from wh_errmap.cv.evaluate import reference_masks
 from wh_errmap.data.dataset import dataset_from_config
 from wh_errmap.data.training_reference import training_reference
 from wh_errmap.errors import UserError
 from wh_errmap.qc.predictor import Predictor, export_predictor, load_predictor
+from wh_errmap.train.stages import restore_segmentors
 from wh_errmap.utils.progress import console
 
 def get_config() -> ml_collections.ConfigDict:
@@ -36,20 +38,30 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     raise UserError(f"{output} exists: use --overwrite to replace it, or another "
                     f"--set=output=FILE")
   predictor = load_predictor(workdir, config.fold, config.allow_partial)
-  if predictor.reference is None:
-    predictor = _with_reference(predictor)
+  if "appearance" not in (predictor.reference or {}):   # a run made before it was recorded
+    predictor = _with_reference(predictor, Path(workdir) / f"fold{config.fold}")
   path = export_predictor(predictor, output, predictor.training_record())
   console(f"predictor of fold {config.fold} (step {predictor.step} of "
           f"{predictor.total_steps}) written to {path}"
           + ("" if predictor.reference else " without a training reference"))
 
 
-def _with_reference(predictor: Predictor) -> Predictor:
-  """The predictor with the training reference computed from its run's data, if found."""
+def _with_reference(predictor: Predictor, fold_dir: Path) -> Predictor:
+  """The predictor with the training reference computed from its run's data and segmentors,
+  as far as they can be read (the reference it has otherwise, said in a warning)."""
   try:
     train_cases, _ = dataset_from_config(predictor.config).fold(predictor.fold)
   except UserError as e:
-    console(f"warning: the run's training data cannot be read ({e}): the model file gets "
-            f"no training reference, so predict skips its volume and intensity checks")
+    lacks = "none" if predictor.reference is None else "no appearances"
+    console(f"warning: the run's training data cannot be read ({e}): the model file keeps the "
+            f"run's training reference as it is ({lacks}), so predict skips the checks it "
+            f"lacks")
     return predictor
-  return dataclasses.replace(predictor, reference=training_reference(train_cases))
+  try:
+    masks = reference_masks(predictor.config, restore_segmentors(predictor.config, fold_dir),
+                            train_cases)
+  except UserError as e:
+    console(f"warning: {e}: the model file's training reference has no appearances, so "
+            f"predict skips that check")
+    masks = None
+  return dataclasses.replace(predictor, reference=training_reference(train_cases, masks))

@@ -50,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.qc.min_real_fraction = 0.5   # out_of_distribution when the scan covers less of the box
   c.qc.volume_factor = 2.0       # ... a structure volume outside training's [min/f, max*f]
   c.qc.intensity_margin = 0.25   # ... intensities farther from training than any of its cases
+  # ... the image inside the mask unlike any training heart: farther than the training
+  # cases are from each other (leave one out) times this
+  c.qc.appearance_factor = 1.2
   c.qc.shape_bucket = 16         # pad crops to a multiple of this: fewer compilations
   return c
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from experiments import export_model, predict
 from tests.conftest import ROOT
@@ -40,19 +41,31 @@ NNUNET_VALUE = {"RV": 1, "Myo": 2, "LV": 3, "LA": 4, "RA": 5, "AO": 6, "PA": 7}
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   """A run with a (barely) trained tiny predictor for fold 0 and a training reference from
-  two phantom cases."""
+  three phantom cases, their appearances with their labels and with poorer masks (each
+  structure eroded, or dilated, by one voxel: what segmentors' masks do)."""
   run = tmp_path_factory.mktemp("run")
   config = tiny_predictor_run(run)
   folder = tmp_path_factory.mktemp("reference")
   cases = []
-  for index in (2, 3):
+  for index in (2, 3, 4):
     image, label, affine = make_phantom_case(seed=5, index=index)
     paths = [folder / f"c{index}_{kind}.nii.gz" for kind in ("image", "label")]
     for path, data in zip(paths, (image, label)):
       nib.save(nib.Nifti1Image(data, affine), str(path))
     cases.append(preprocess_case(load_case(*paths), PreprocessConfig.from_config(config)))
-  write_reference(run / "fold0" / "predictor", cases)
+  masks = {case.case_id: [poorer(case.label, grow) for grow in (False, True)] for case in cases}
+  write_reference(run / "fold0" / "predictor", cases, masks)
   return run
+
+
+def poorer(label: np.ndarray, grow: bool) -> np.ndarray:
+  """Every structure of `label` dilated (over the background) or eroded by one voxel."""
+  if grow:
+    return np.where(label == 0, ndimage.grey_dilation(label, size=3), label)
+  kept = np.zeros_like(label)
+  for c in np.unique(label[label > 0]):
+    kept[ndimage.binary_erosion(label == c)] = c
+  return kept
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +246,42 @@ def test_inverted_intensities_are_out_of_distribution(run_dir, phantom):
   assert not any("intensity" in r for r in normal.scores["reasons"])
   assert odd.scores["verdict"] == "out_of_distribution"
   assert any(r.startswith("intensity distribution unlike training") for r in odd.scores["reasons"])
+
+
+def head_like(shape: tuple[int, int, int]) -> np.ndarray:
+  """A synthetic head on a scan's grid: nested ellipsoids of scalp, skull, grey and white
+  matter and ventricles with MR-like brightness, and noise. No heart anywhere."""
+  grid = np.stack(np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij"))
+  radius = np.sqrt(((grid / np.array([0.9, 0.8, 0.85])[:, None, None, None]) ** 2).sum(0))
+  image = np.select([radius < 0.25, radius < 0.75, radius < 0.85, radius < 0.9, radius < 1.0],
+                    [300.0, 700.0, 550.0, 80.0, 500.0], 20.0)
+  return image + np.random.default_rng(0).normal(0, 20, shape)
+
+
+@pytest.mark.parametrize("kind", ["head", "texture", "other heart's mask"])
+def test_a_scan_that_is_not_the_masks_heart_is_out_of_distribution(run_dir, phantom, kind):
+  # A heart mask on something else: never a verdict as if it were this heart's scan.
+  image, label, affine = phantom
+  predictor = load_predictor(run_dir, 0)
+  own = qc.assess(nib.Nifti1Image(image, affine), nib.Nifti1Image(label, affine), predictor,
+                  progress=lambda _: None)
+  assert not any("appearance" in r for r in own.scores["reasons"]), own.scores["reasons"]
+  mask = label
+  if kind == "head":
+    image = head_like(image.shape).astype(np.float32)
+  elif kind == "texture":   # smooth random tissue, brightness of the phantom's range
+    noise = ndimage.gaussian_filter(np.random.default_rng(1).normal(size=image.shape), 3)
+    image = (np.percentile(image, 5) + (noise - noise.min()) / np.ptp(noise)
+             * np.ptp(np.percentile(image, (5, 95)))).astype(np.float32)
+  else:   # another phantom patient's heart mask, brought onto this scan's grid
+    _, other, _ = make_phantom_case(seed=7, index=0)
+    mask = ndimage.zoom(other, [a / b for a, b in zip(label.shape, other.shape)], order=0)
+    mask = np.pad(mask, [(0, max(0, a - b)) for a, b in zip(label.shape, mask.shape)])
+    mask = mask[:label.shape[0], :label.shape[1], :label.shape[2]]
+  result = qc.assess(nib.Nifti1Image(image, affine), nib.Nifti1Image(mask, affine), predictor,
+                     progress=lambda _: None)
+  assert result.scores["verdict"] == "out_of_distribution", result.scores["reasons"]
+  assert any("looks unlike any training heart" in r for r in result.scores["reasons"])
 
 
 def test_assess_in_memory_writes_nothing(run_dir, phantom, tmp_path, monkeypatch):

@@ -7,10 +7,13 @@ from the code: with failure_dice 0.75 and review_band 0.10,
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from wh_errmap.data.structures import STRUCTURES
-from wh_errmap.qc.verdict import VERDICTS, Settings, verdict
+from wh_errmap.data.training_reference import (appearance, appearance_distance,
+                                               appearance_reference)
+from wh_errmap.qc.verdict import VERDICTS, Settings, ood_reasons, verdict
 
 EPS = 1e-6
 SETTINGS = Settings(failure_dice=0.75, review_band=0.10)
@@ -128,3 +131,27 @@ def test_every_verdict_is_reachable_and_ordered_best_first():
   reached = {verdict(given, list(ood), SETTINGS)[0] for _, given, ood, _, _ in RAW}
   assert reached == set(VERDICTS)
   assert VERDICTS == ("ok", "review", "fail", "out_of_distribution")
+
+
+def test_the_appearance_rule_flags_a_distance_above_limit_times_factor_only():
+  # A reference of two cases whose appearances differ; a new case between them. Its
+  # distance d (data.training_reference, tested there) against limit * factor, each side.
+  rng = np.random.default_rng(0)
+  mask = np.zeros((16, 16, 16), np.uint8)
+  mask[4:12, 4:12, 4:8], mask[4:12, 4:12, 8:12] = 1, 3
+  valid = np.ones(mask.shape, bool)
+  images = [rng.normal(level, 0.05, mask.shape) for level in (0.0, 0.4, 0.2)]
+  rows = [appearance(image, mask, valid, (2.0,) * 3) for image in images[:2]]
+  reference = {"volume_ml": {s: [0.0, 1e9] for s in STRUCTURES},
+               "intensity_histogram": [1.0 / 16] * 16, "intensity_distance_max": 1.0,
+               "appearance": appearance_reference(rows * 2, ["a", "b", "a", "b"])}
+  d = appearance_distance(images[2], mask, valid, (2.0,) * 3, reference["appearance"])
+  limit = reference["appearance"]["limit"]
+  properties = {"spacing": [2.0] * 3}
+  for factor, flagged in ((d / limit * (1 - 1e-6), True), (d / limit * (1 + 1e-6), False)):
+    reasons = ood_reasons(images[2], mask, valid, properties, reference,
+                          Settings(appearance_factor=factor))
+    assert any("appearance distance" in r for r in reasons) == flagged, (factor, reasons)
+  no_appearances = {k: v for k, v in reference.items() if k != "appearance"}
+  assert ood_reasons(images[2], mask, valid, properties, no_appearances,
+                     Settings(appearance_factor=1e-9)) == []

@@ -123,6 +123,17 @@ def all_masks(segmentors: Mapping[str, Model], case: PreprocessedCase,
   return {mask_type: masks[mask_type] for mask_type in MASK_TYPES}, uncertainty
 
 
+def reference_masks(config: ml_collections.ConfigDict, segmentors: Mapping[str, Any],
+                    cases: Sequence[PreprocessedCase]) -> dict[str, list[np.ndarray]]:
+  """The 10 auto masks of each (training) case by the segmentors' variables, on its own
+  grid, one device: masks of every quality for the training reference's appearances
+  (`data.training_reference.training_reference`)."""
+  models = {name: (segmentor_model(config, name), variables)
+            for name, variables in segmentors.items()}
+  return {case.case_id: [mask for mask_type, mask in all_masks(models, case)[0].items()
+                         if mask_type != "gt"] for case in cases}
+
+
 def score_masks(masks: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray],
                 label: np.ndarray, threshold: float,
                 baseline: Mapping[str, np.ndarray] | None = None,

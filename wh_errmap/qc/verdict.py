@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from wh_errmap.data.structures import NUM_CLASSES, STRUCTURES
-from wh_errmap.data.training_reference import histogram_distance, intensity_histogram
+from wh_errmap.data.training_reference import (appearance_distance, histogram_distance,
+                                                intensity_histogram)
 
 VERDICTS = ("ok", "review", "fail", "out_of_distribution")   # from best to worst
 
@@ -37,12 +38,14 @@ class Settings:
   min_real_fraction: float = 0.5  # scan share of the assessed box below this: OOD
   volume_factor: float = 2.0      # structure volume outside [min / f, max * f] of training
   intensity_margin: float = 0.25  # histogram distance above training's largest + this
+  appearance_factor: float = 1.2  # appearance distance above training's limit times this
 
   @classmethod
   def from_config(cls, config) -> "Settings":
     return cls(float(config.threshold), float(config.report.failure_dice),
                float(config.report.review_band), float(config.qc.min_real_fraction),
-               float(config.qc.volume_factor), float(config.qc.intensity_margin))
+               float(config.qc.volume_factor), float(config.qc.intensity_margin),
+               float(config.qc.appearance_factor))
 
 
 def ood_reasons(image: np.ndarray, mask: np.ndarray, valid: np.ndarray, properties: dict,
@@ -52,8 +55,13 @@ def ood_reasons(image: np.ndarray, mask: np.ndarray, valid: np.ndarray, properti
       view: most of what the predictor would see is padding);
     - a structure's volume is outside the training range widened by `volume_factor`;
     - the histogram of preprocessed intensities is farther from the training one (total
-      variation distance) than any training case's, plus `intensity_margin`.
-  Without a training reference only the first check runs.
+      variation distance) than any training case's, plus `intensity_margin`;
+    - the image inside the mask's structures looks unlike any training case's heart
+      (`data.training_reference.appearance`): its distance to the nearest training
+      description exceeds the reference's leave-one-case-out limit times
+      `appearance_factor` (another anatomy, contrast or patient than the mask's).
+  Without a training reference only the first check runs; a reference made before
+  appearances were recorded skips the last.
   """
   reasons = []
   fraction = float(valid.mean())
@@ -79,6 +87,14 @@ def ood_reasons(image: np.ndarray, mask: np.ndarray, valid: np.ndarray, properti
   if distance > limit:
     reasons.append(f"intensity distribution unlike training (distance {distance:.2f} > "
                    f"{limit:.2f})")
+  looks = reference.get("appearance")
+  if looks is not None:
+    distance = appearance_distance(image, mask, valid, properties["spacing"], looks)
+    limit = looks["limit"] * settings.appearance_factor
+    if distance > limit:
+      reasons.append(f"the image inside the mask looks unlike any training heart "
+                     f"(appearance distance {distance:.2f} > {limit:.2f}): is it the mask's "
+                     f"own scan, of the heart, in the training's modality?")
   return reasons
 
 

@@ -17,6 +17,7 @@ from wh_errmap.data.structures import NUM_CLASSES
 from wh_errmap.errors import UserError
 from wh_errmap.models.factory import SEGMENTORS, predictor_model, segmentor_model
 from wh_errmap.train import loop
+from wh_errmap.train.checkpoints import restore_variables
 from wh_errmap.train.losses import batch_dice
 from wh_errmap.train.masks import predictor_mask_sources
 from wh_errmap.train.precomputed import training_masks
@@ -92,6 +93,22 @@ def train_segmentor(config: ml_collections.ConfigDict, name: str,
                      mesh=mesh, num_steps=schedule.steps, seed=config.seed,
                      progress=progress, **_loop_settings(config), **feed)
   return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def restore_segmentors(config: ml_collections.ConfigDict, fold_dir: str | Path,
+                       progress: Callable[[str], None] = console) -> dict[str, Variables]:
+  """The trained segmentors' variables of a fold, read-only from their newest checkpoints;
+  UserError naming the model when one has none."""
+  out = {}
+  for name, dims in SEGMENTORS.items():
+    crop = tuple(config.input.crop_3d if dims == 3 else config.input.crop_2d)
+    checkpoints = Path(fold_dir) / name / "checkpoints"
+    variables, _ = restore_variables(checkpoints, segmentor_model(config, name), config.optim,
+                                     config.train[name].steps, (1, *crop, 1), progress)
+    if variables is None:
+      raise UserError(f"{checkpoints}: no trained {name}")
+    out[name] = variables
+  return out
 
 
 def train_predictor(config: ml_collections.ConfigDict, segmentors: Mapping[str, Variables],
