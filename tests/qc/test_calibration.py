@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import nibabel as nib
 import numpy as np
@@ -23,6 +24,7 @@ from wh_errmap.qc.calibration import (MEAN, THRESHOLDS, Calibration, choose_thre
 from wh_errmap.qc.predictor import load_predictor, load_predictor_file
 
 MYO, LV = 205, 500
+CASES = 10   # enough for a finite 90% bound: k = ceil(11 * 0.9) = 10 <= 10
 
 
 def test_threshold_maximises_the_pooled_error_dice():
@@ -78,18 +80,18 @@ def test_a_calibrated_verdict_reads_the_calibrated_dice_and_its_bound():
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
-  """A tiny run, and 4 phantom cases whose masks are the label with the LV eroded by
-  0..3 voxels (true Dice falling with the erosion), in three folders."""
+  """A tiny run, and 10 phantom cases whose masks are the label with the LV eroded by
+  0..4 voxels (index % 5; true Dice falling with the erosion), in three folders."""
   run = tmp_path_factory.mktemp("run")
   tiny_predictor_run(run)
   root = tmp_path_factory.mktemp("cases")
   for name in ("images", "masks", "labels"):
     (root / name).mkdir()
-  for index in range(4):
+  for index in range(CASES):
     image, label, affine = make_phantom_case(seed=9, index=index, spacing_scale=2.0)
     mask = label.copy()
-    if index:
-      lv = ndimage.binary_erosion(label == LV, iterations=index)
+    if index % 5:
+      lv = ndimage.binary_erosion(label == LV, iterations=index % 5)
       mask[(label == LV) & ~lv] = 0
     for folder, data in (("images", image), ("masks", mask), ("labels", label)):
       nib.save(nib.Nifti1Image(data, affine), str(root / folder / f"c{index}.nii.gz"))
@@ -121,38 +123,52 @@ def test_calibrate_writes_a_model_file_that_predict_applies(labelled, tmp_path):
   config.image, config.mask = str(root / "images"), str(root / "masks")
   config.reference = str(root / "labels")
   config.output = str(tmp_path / "mine.whqc")
+  config.calibrate.method = "platt"
   calibrate.run(config, str(run))
   report = json.loads((tmp_path / "mine-calibration" / "calibration.json").read_text())
-  true = [case["true_dice"] for case in report["per_case"]]
-  assert [c["mask"] for c in report["per_case"]] == [f"c{i}.nii.gz" for i in range(4)]
-  assert true[0] == 1.0 and true == sorted(true, reverse=True)   # more erosion, lower Dice
-  assert report["threshold"] in THRESHOLDS and report["cases"] == 4
+  per_case = report["per_case"]
+  assert [c["mask"] for c in per_case] == [f"c{i}.nii.gz" for i in range(CASES)]
+  true = {c["mask"]: c["true_dice"] for c in per_case}
+  assert true["c0.nii.gz"] == 1.0 and true["c5.nii.gz"] == 1.0
+  assert true["c1.nii.gz"] > true["c2.nii.gz"] > true["c3.nii.gz"] > true["c4.nii.gz"]
+  assert report["threshold"] in THRESHOLDS and report["cases"] == CASES
   assert (tmp_path / "mine-calibration" / "reliability_risk_coverage.png").stat().st_size
   loaded = load_predictor_file(tmp_path / "mine.whqc")
   calibration = Calibration.from_dict(loaded.calibration)
-  assert calibration.threshold == report["threshold"] and calibration.cases == 4
-  # 4 cases are too few for a 90% bound: +inf offsets, bounds 0.
-  assert set(calibration.bounds.offset.values()) == {np.inf}
+  assert calibration.threshold == report["threshold"] and calibration.cases == CASES
+  # Split conformal, computed here from the report's leave-one-out calibrated and true mean
+  # Dice: q is the ceil((n + 1)(1 - alpha))-th smallest score calibrated - true.
+  scores = sorted(c["calibrated_dice"] - c["true_dice"] for c in per_case)
+  q = scores[math.ceil((CASES + 1) * 0.9 - 1e-9) - 1]
+  assert math.isfinite(calibration.bounds.offset[MEAN])
+  assert calibration.bounds.offset[MEAN] == pytest.approx(q)
   with pytest.raises(UserError, match="exists"):
     calibrate.run(config, str(run))
 
   out = tmp_path / "qc"
   p = predict.get_config()
-  p.image, p.mask = str(root / "images" / "c1.nii.gz"), str(root / "masks" / "c1.nii.gz")
+  p.image, p.mask = str(root / "images" / "c3.nii.gz"), str(root / "masks" / "c3.nii.gz")
   p.model_file, p.output_dir = str(tmp_path / "mine.whqc"), str(out)
   predict.run(p, str(tmp_path / "no_such_run"))
-  result = json.loads((out / "c1__c1_qc.json").read_text())
+  result = json.loads((out / "c3__c3_qc.json").read_text())
   assert result["threshold"] == calibration.threshold
-  assert result["calibration"]["cases"] == 4
-  assert result["mean_dice_lower_bound"] == 0.0 and result["verdict"] in ("review", "fail")
-  assert result["calibrated_mean_dice"] == pytest.approx(
-      calibration.calibrated(MEAN, result["mean_predicted_dice"]))
-  assert result["structures"]["LV"]["dice_lower_bound"] == 0.0
+  assert result["calibration"]["cases"] == CASES
+  # The bound is the calibrated mean Dice (g of the predicted one, applied once) less q.
+  calibrated = result["calibrated_mean_dice"]
+  assert calibrated == pytest.approx(calibration.calibrated(MEAN, result["mean_predicted_dice"]))
+  bound = min(1.0, max(0.0, calibrated - q))
+  assert 0 < bound < calibrated and result["mean_dice_lower_bound"] == pytest.approx(bound)
   with open(out / "qc.tsv", newline="") as f:
     row, = csv.DictReader(f, delimiter="\t")
-  assert row["mean_dice_lower_bound"] == "0.0000" and row["dice_lower_bound_LV"] == "0.0000"
-  assert float(row["calibrated_mean_dice"]) == pytest.approx(result["calibrated_mean_dice"],
-                                                             abs=1e-4)
+  assert float(row["mean_dice_lower_bound"]) == pytest.approx(bound, abs=1e-4)
+  assert float(row["calibrated_mean_dice"]) == pytest.approx(calibrated, abs=1e-4)
+  # The verdict by the stated rules, from the calibrated values and the bound.
+  structures = [s["calibrated_dice"] for s in result["structures"].values()
+                if s.get("calibrated_dice") is not None]
+  expected = ("fail" if calibrated < 0.75 else
+              "review" if calibrated < 0.85 or min(structures) < 0.75 or bound < 0.75 else
+              "ok")
+  assert row["verdict"] == result["verdict"] == expected
 
 
 def test_calibrate_needs_labelled_triples(labelled, tmp_path):
