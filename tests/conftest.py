@@ -28,6 +28,18 @@ def _session_cache() -> Path:
 # cache (~/.cache/wh_errmap or a WH_ERRMAP_CACHE of their own).
 SESSION_CACHE = _session_cache()
 os.environ["WH_ERRMAP_CACHE"] = str(SESSION_CACHE)
+# The tests' shapes are tiny, so compiling is most of their time: XLA's CPU backend (LLVM)
+# compiles about 40% faster without its optimisations, and the programs compute the same
+# (the HLO passes, sharding included, run as before). Inherited by subprocesses; tests that
+# add flags of their own append them (xla_flags).
+_FAST_COMPILE = "--xla_backend_optimization_level=0"
+if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
+
+
+def xla_flags(*flags: str) -> str:
+  """The session's XLA_FLAGS with `flags` added, for a subprocess's environment."""
+  return " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -112,3 +124,14 @@ def tiny_case(tmp_path):
   image = (100 + 50 * (label > 0) + rng.normal(0, 5, label.shape)).astype(np.int16)
   return (write_nifti(tmp_path / "mr_train_1001_image.nii.gz", image, affine),
           write_nifti(tmp_path / "mr_train_1001_label.nii.gz", label, affine))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """One run for the whole session: a tiny predictor of fold 0 trained one step, the run's
+  config.json and the training reference of predict's checks (tests/train/tiny.py,
+  tiny_qc_run). Tests read it; a test that changes it works on a copy."""
+  from tests.train.tiny import tiny_qc_run
+  run = tmp_path_factory.mktemp("tiny_run")
+  tiny_qc_run(run, tmp_path_factory.mktemp("tiny_run_cases"))
+  return run

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import blob_label, write_nifti
+from tests.conftest import blob_label, write_nifti, xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def test_a_batch_that_cannot_be_laid_out_is_one_line_and_status_2(tmp_path, sett
   """On 8 devices the paper's batch of 2 needs mesh.space: refused before any data work or
   recorded settings, naming the setting to change."""
   env = dict(os.environ, WH_ERRMAP_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+             XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"))
   result = subprocess.run([sys.executable, "launch.py", "--experiment=cv_fold",
                            f"--workdir={tmp_path / 'run'}", *settings], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)

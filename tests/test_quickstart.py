@@ -1,10 +1,14 @@
 """The README's first command, `python launch.py` (the quickstart experiment), end to end
 at a tiny size: phantom -> preprocessing -> both segmentors -> predictor -> evaluation
-with NIfTI outputs -> report. And the tests' own cache, which keeps them out of the
-user's."""
+with NIfTI outputs -> report; then the same fold again in another process, from XLA's
+persistent cache: same seed and config, byte-identical results. And the tests' own cache,
+which keeps them out of the user's."""
 from __future__ import annotations
 
+import gzip
 import json
+import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -33,28 +37,52 @@ def test_the_tests_use_a_temporary_cache_not_the_users():
   assert Path(jax.config.jax_compilation_cache_dir) == SESSION_CACHE / "xla"
 
 
-def test_quickstart_end_to_end(tmp_path):
-  """Exit status 0; 11 records per test case; NIfTI outputs on each test case's original
-  grid (shape and affine of its image file), masks in MMWHS codes, the GT mask back where
-  the original label is; report.md. The data comes from the session cache."""
-  workdir = tmp_path / "run"
+def fold_outputs(fold_dir: Path) -> dict[str, bytes]:
+  """What a fold computed, by path: scores, records, calibration, the losses of every
+  logged step (timings left out) and the NIfTI predictions' decompressed bytes (a gzip
+  header holds the time of writing)."""
+  outputs = {name: (fold_dir / name).read_bytes()
+             for name in ("segmentors.json", "records.json", "calibration.json")}
+  for model in ("seg3d", "seg2d", "predictor"):
+    lines = (fold_dir / model / "metrics.jsonl").read_text().splitlines()
+    outputs[f"{model}/metrics.jsonl"] = json.dumps(
+        [{k: v for k, v in json.loads(line).items() if k not in ("steps_per_s", "time_s")}
+         for line in lines]).encode()
+  for path in sorted((fold_dir / "predictions").rglob("*.nii.gz")):
+    outputs[str(path.relative_to(fold_dir))] = gzip.decompress(path.read_bytes())
+  return outputs
+
+
+def test_quickstart_end_to_end_then_again_from_the_compilation_cache(tmp_path):
+  """`python launch.py` with an empty cache root: it generates the phantom, preprocesses it,
+  compiles every program and trains and evaluates fold 0. Exit status 0; 11 records per test
+  case; NIfTI outputs on each test case's original grid (shape and affine of its image
+  file), masks in MMWHS codes, the GT mask back where the original label is; report.md.
+
+  Then the same fold in a second process (cv_fold_small, the quick start's fold) with the
+  same cache root: it compiles nothing, reading every program from XLA's persistent cache,
+  preprocesses a copy of the phantom in another folder again, and must write the same
+  records, losses and NIfTI predictions, to the byte. (One root for both: jax puts the
+  cache's own path into its keys, so a copy of the programs elsewhere is cold.)"""
+  cache, data, workdir = tmp_path / "cache", tmp_path / "data", tmp_path / "run"
   start = time.monotonic()
-  result = launch(f"--workdir={workdir}", *TINY_FOLD)   # no --experiment: the default
+  result = launch(f"--workdir={workdir}", *TINY_FOLD, cache=cache)   # no --experiment
   print(f"launch.py: {time.monotonic() - start:.0f} s")
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "generating the synthetic phantom" in result.stdout
   fold = workdir / "fold0"
 
   test_cases = json.loads((fold / "test_cases.json").read_text())
   assert len(test_cases) == 2   # 4 cases in 2 folds
   records = json.loads((fold / "records.json").read_text())
   mask_types = {case_id: sorted(r["mask_type"] for r in records if r["case_id"] == case_id)
-           for case_id in test_cases}
+                for case_id in test_cases}
   assert len(records) == 11 * len(test_cases)
   assert all(t == sorted(MASK_TYPES) for t in mask_types.values()), mask_types
 
   for case_id, paths in test_cases.items():
-    # launch.py generated the phantom in the tests' cache, which it inherited.
-    assert Path(paths["image_path"]).is_relative_to(SESSION_CACHE), paths
+    # launch.py generated the phantom in the cache root it was given (WH_ERRMAP_CACHE).
+    assert Path(paths["image_path"]).is_relative_to(cache), paths
     image = nib.load(paths["image_path"])
     label = np.asarray(nib.load(paths["label_path"]).dataobj)
     for mask_type in NIFTI_MASK_TYPES:
@@ -80,3 +108,16 @@ def test_quickstart_end_to_end(tmp_path):
 
   report = (workdir / "report" / "report.md").read_text()
   assert "22 masks" in report
+
+  programs = set(os.listdir(cache / "xla"))
+  shutil.copytree(next(cache.glob("phantom-*")), data)
+  warm = launch(f"--workdir={tmp_path / 'warm'}", "--experiment=cv_fold_small",
+                f"--data_dir={data}", *TINY_FOLD, cache=cache)
+  assert warm.returncode == 0, warm.stderr[-3000:]
+  assert "preprocessed mr_train_1001" in warm.stdout
+  assert set(os.listdir(cache / "xla")) == programs   # nothing compiled again
+  first, second = fold_outputs(fold), fold_outputs(tmp_path / "warm" / "fold0")
+  assert sum(name.endswith(".nii.gz") for name in first) == 2 * 3 * 3   # cases x masks x maps
+  assert first.keys() == second.keys()
+  different = [name for name in first if first[name] != second[name]]
+  assert not different, different

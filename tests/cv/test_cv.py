@@ -20,7 +20,7 @@ import pytest
 
 import experiments
 from experiments import cv, cv_small
-from tests.conftest import ROOT, blob_label, write_nifti
+from tests.conftest import ROOT, blob_label, write_nifti, xla_flags
 from wh_errmap.cv import children, commands, devices
 from wh_errmap.errors import UserError
 from wh_errmap.utils.signals import Interrupted
@@ -74,7 +74,7 @@ def test_probe_counts_devices_without_starting_a_backend_here():
           "d = devices.probe_devices(); print(d.backend, d.count, "
           "xla_bridge.backends_are_initialized())")
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=3")
+             XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=3"))
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]

@@ -18,14 +18,10 @@ from scipy import ndimage
 
 from experiments import export_model, predict
 from tests.conftest import ROOT
-from tests.train.tiny import tiny_predictor_run
 from wh_errmap import qc
 from wh_errmap.data.labels import TOTALSEGMENTATOR_NAMES
-from wh_errmap.data.nifti_io import load_case
 from wh_errmap.data.phantom import make_phantom_case
-from wh_errmap.data.preprocess import PreprocessConfig, preprocess_case
 from wh_errmap.data.structures import STRUCTURES
-from wh_errmap.data.training_reference import write_reference
 from wh_errmap.errors import UserError
 from wh_errmap.models.inference import error_probability
 from wh_errmap.qc.predictor import Predictor, load_predictor, load_predictor_file
@@ -39,33 +35,10 @@ NNUNET_VALUE = {"RV": 1, "Myo": 2, "LV": 3, "LA": 4, "RA": 5, "AO": 6, "PA": 7}
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  """A run with a (barely) trained tiny predictor for fold 0 and a training reference from
-  three phantom cases, their appearances with their labels and with poorer masks (each
-  structure eroded, or dilated, by one voxel: what segmentors' masks do)."""
-  run = tmp_path_factory.mktemp("run")
-  config = tiny_predictor_run(run)
-  folder = tmp_path_factory.mktemp("reference")
-  cases = []
-  for index in (2, 3, 4):
-    image, label, affine = make_phantom_case(seed=5, index=index)
-    paths = [folder / f"c{index}_{kind}.nii.gz" for kind in ("image", "label")]
-    for path, data in zip(paths, (image, label)):
-      nib.save(nib.Nifti1Image(data, affine), str(path))
-    cases.append(preprocess_case(load_case(*paths), PreprocessConfig.from_config(config)))
-  masks = {case.case_id: [poorer(case.label, grow) for grow in (False, True)] for case in cases}
-  write_reference(run / "fold0" / "predictor", cases, masks)
-  return run
-
-
-def poorer(label: np.ndarray, grow: bool) -> np.ndarray:
-  """Every structure of `label` dilated (over the background) or eroded by one voxel."""
-  if grow:
-    return np.where(label == 0, ndimage.grey_dilation(label, size=3), label)
-  kept = np.zeros_like(label)
-  for c in np.unique(label[label > 0]):
-    kept[ndimage.binary_erosion(label == c)] = c
-  return kept
+def run_dir(tiny_run):
+  """The session's tiny run (conftest): a barely trained predictor with a training
+  reference from three phantom cases, with appearances."""
+  return tiny_run
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -13,10 +14,10 @@ import pytest
 from scipy import ndimage
 
 from experiments import calibrate, predict
-from tests.train.tiny import tiny_predictor_run
 from wh_errmap import qc
 from wh_errmap.qc.verdict import verdict
 from wh_errmap.data.phantom import make_phantom_case
+from wh_errmap.data.training_reference import REFERENCE_FILE
 from wh_errmap.errors import UserError
 from wh_errmap.metrics.conformal import ConformalBound
 from wh_errmap.qc.calibration import (MEAN, THRESHOLDS, Calibration, choose_threshold,
@@ -79,11 +80,14 @@ def test_a_calibrated_verdict_reads_the_calibrated_dice_and_its_bound():
 
 
 @pytest.fixture(scope="module")
-def labelled(tmp_path_factory):
+def labelled(tmp_path_factory, tiny_run):
   """A tiny run, and 10 phantom cases whose masks are the label with the LV eroded by
   0..4 voxels (index % 5; true Dice falling with the erosion), in three folders."""
-  run = tmp_path_factory.mktemp("run")
-  tiny_predictor_run(run)
+  # The session's tiny run without its training reference: calibration cases are not
+  # judged in or out of distribution.
+  run = tmp_path_factory.mktemp("run") / "run"
+  shutil.copytree(tiny_run, run)
+  (run / "fold0" / "predictor" / REFERENCE_FILE).unlink()
   root = tmp_path_factory.mktemp("cases")
   for name in ("images", "masks", "labels"):
     (root / name).mkdir()

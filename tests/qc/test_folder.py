@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from experiments import predict
 from tests.conftest import ROOT
-from tests.train.tiny import (tiny_config, tiny_predictor_run, tiny_segmentors,
+from tests.train.tiny import (tiny_config, tiny_segmentors,
                               train_tiny_predictor)
 from wh_errmap.qc import folder as folder_lib
 from wh_errmap.data.phantom import make_phantom_case
@@ -32,18 +32,16 @@ from wh_errmap.utils.workdir import load_run_config, record_config
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  """A run with a (barely) trained tiny predictor for fold 0 and its config.json."""
-  run = tmp_path_factory.mktemp("run")
-  tiny_predictor_run(run)
-  return run
+def run_dir(tiny_run):
+  """The session's tiny run (conftest): a barely trained predictor for fold 0."""
+  return tiny_run
 
 
 @pytest.fixture(scope="module")
 def phantom_pair(tmp_path_factory):
   """One phantom case: {("as_generated", "image" or "label"): path}."""
   folder = tmp_path_factory.mktemp("cases")
-  image, label, affine = make_phantom_case(seed=3, index=1)
+  image, label, affine = make_phantom_case(seed=3, index=1, spacing_scale=2.0)
   paths = {}
   for kind, data in (("image", image), ("label", label)):
     paths["as_generated", kind] = folder / f"as_generated_{kind}.nii.gz"
@@ -87,7 +85,7 @@ def ramp_pair(tmp_path_factory):
   """The phantom's label with an image that is a linear function of world position, saved
   as generated and reoriented to S-L-P axes."""
   folder = tmp_path_factory.mktemp("ramp")
-  _, label, affine = make_phantom_case(seed=3, index=1)
+  _, label, affine = make_phantom_case(seed=3, index=1, spacing_scale=2.0)
   ijk = np.stack(np.meshgrid(*map(np.arange, label.shape), indexing="ij"), axis=-1)
   world = ijk @ affine[:3, :3].T + affine[:3, 3]
   image = (1000.0 + world @ np.array([3.0, 5.0, 7.0])).astype(np.float32)

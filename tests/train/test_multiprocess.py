@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, xla_flags
 from tests.train.multiprocess_training import LOCAL_DEVICES, NUM_PROCESSES, NUM_STEPS
 
 SCRIPT = "tests.train.multiprocess_training"
@@ -32,7 +32,7 @@ def _free_port() -> int:
 def _env(device_count: int) -> dict[str, str]:
   # os.environ carries the session's persistent compilation cache (JAX_* set in conftest).
   return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={device_count}")
+              XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={device_count}"))
 
 
 def _tail(path: Path, chars: int = 3000) -> str:

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, xla_flags
 from tests.train.tiny import tiny_cases, tiny_config, train_tiny
 from wh_errmap.models.factory import make_model
 from wh_errmap.train import loop
@@ -21,17 +21,20 @@ from wh_errmap.utils.mesh import make_mesh
 
 
 
+def sharded(part: str) -> dict:
+  """tests/train/sharded_training.py's `part` on 8 simulated devices: its JSON."""
+  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-m", "tests.train.sharded_training", part],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def test_paper_batch_on_8_devices_matches_one_device():
   """Segmentor and predictor steps at batch 2: a 2 x 4 and a 1 x 8 (data x space) mesh of
-  simulated devices give the 1-device losses and parameters; whole-volume inference split
-  over 4 or 8 devices gives the 1-device outputs, for scans whose shape divides by neither,
-  and so does a fold's evaluation of a whole scan."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-m", "tests.train.sharded_training"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  out = json.loads(result.stdout.strip().splitlines()[-1])
+  simulated devices give the 1-device losses and parameters."""
+  out = sharded("training")
   for name in ("segmentor", "predictor"):
     assert sorted(out[name]) == ["1x8", "2x4"]
     for mesh, diff in out[name].items():
@@ -40,7 +43,12 @@ def test_paper_batch_on_8_devices_matches_one_device():
       # exchange shows in the gradients: far above these tolerances.
       assert diff["param_diff"] < 1e-4, (name, mesh, diff)
       assert diff["stats_diff"] < 1e-4, (name, mesh, diff)
-  inference = out["inference"]
+
+
+def test_whole_scans_of_any_shape_split_over_4_or_8_devices_match_one_device():
+  """Whole-volume inference split over 4 or 8 devices gives the 1-device outputs, for scans
+  whose shape divides by neither, and so does a fold's evaluation of a whole scan."""
+  inference = sharded("inference")
   for scan in ("4:70x19x13", "8:70x19x13"):
     for name in ("seg3d", "seg2d"):
       # Argmax ties aside, the split volume gives the same labels and uncertainties.

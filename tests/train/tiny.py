@@ -109,3 +109,37 @@ def tiny_predictor_run(run) -> ml_collections.ConfigDict:
   train_tiny_predictor(run / "fold0", make_mesh(jax.devices()[:1]), num_steps=1,
                        segmentors=tiny_segmentors(), batch_size=2)
   return config
+
+
+def poorer(label: np.ndarray, grow: bool) -> np.ndarray:
+  """Every structure of `label` dilated (over the background) or eroded by one voxel."""
+  from scipy import ndimage
+  if grow:
+    return np.where(label == 0, ndimage.grey_dilation(label, size=3), label)
+  kept = np.zeros_like(label)
+  for c in np.unique(label[label > 0]):
+    kept[ndimage.binary_erosion(label == c)] = c
+  return kept
+
+
+def tiny_qc_run(run, scratch) -> ml_collections.ConfigDict:
+  """`tiny_predictor_run` plus the training reference of predict's out-of-distribution
+  checks, from three phantom cases (written to `scratch`) with their labels and poorer
+  masks (each structure eroded, or dilated, by one voxel: what segmentors' masks do)."""
+  import nibabel as nib
+
+  from wh_errmap.data.nifti_io import load_case
+  from wh_errmap.data.phantom import make_phantom_case
+  from wh_errmap.data.preprocess import PreprocessConfig, preprocess_case
+  from wh_errmap.data.training_reference import write_reference
+  config = tiny_predictor_run(run)
+  cases = []
+  for index in (2, 3, 4):
+    image, label, affine = make_phantom_case(seed=5, index=index)
+    paths = [scratch / f"c{index}_{kind}.nii.gz" for kind in ("image", "label")]
+    for path, data in zip(paths, (image, label)):
+      nib.save(nib.Nifti1Image(data, affine), str(path))
+    cases.append(preprocess_case(load_case(*paths), PreprocessConfig.from_config(config)))
+  masks = {case.case_id: [poorer(case.label, grow) for grow in (False, True)] for case in cases}
+  write_reference(run / "fold0" / "predictor", cases, masks)
+  return config
