@@ -37,9 +37,14 @@ if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 
 
-def xla_flags(*flags: str) -> str:
-  """The session's XLA_FLAGS with `flags` added, for a subprocess's environment."""
-  return " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+def cpu_env(devices: int | None = None, **extra: str) -> dict[str, str]:
+  """The session's environment for a subprocess on the CPU, with `devices` simulated CPU
+  devices added to its XLA_FLAGS (the fast compile kept) and `extra` variables set."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+  if devices is not None:
+    env["XLA_FLAGS"] = (f"{env.get('XLA_FLAGS', '')} "
+                        f"--xla_force_host_platform_device_count={devices}").strip()
+  return env
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -83,9 +88,7 @@ def launch(*args: str, cache: Path | None = None,
 
   cache: its WH_ERRMAP_CACHE; by default the session's, which it inherits.
   """
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  if cache is not None:
-    env["WH_ERRMAP_CACHE"] = str(cache)
+  env = cpu_env() if cache is None else cpu_env(WH_ERRMAP_CACHE=str(cache))
   return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

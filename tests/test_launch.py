@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import blob_label, write_nifti, xla_flags
+from tests.conftest import blob_label, cpu_env, write_nifti
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def launch(*args, cache):
-  env = dict(os.environ, WH_ERRMAP_CACHE=str(cache), JAX_PLATFORMS="cpu")
+  env = cpu_env(WH_ERRMAP_CACHE=str(cache))
   return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
 
@@ -114,8 +113,7 @@ def test_make_phantom_then_prepare_data(tmp_path):
 def test_a_batch_that_cannot_be_laid_out_is_one_line_and_status_2(tmp_path, settings, named):
   """On 8 devices the paper's batch of 2 needs mesh.space: refused before any data work or
   recorded settings, naming the setting to change."""
-  env = dict(os.environ, WH_ERRMAP_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu",
-             XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"))
+  env = cpu_env(8, WH_ERRMAP_CACHE=str(tmp_path / "cache"))
   result = subprocess.run([sys.executable, "launch.py", "--experiment=cv_fold",
                            f"--workdir={tmp_path / 'run'}", *settings], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)

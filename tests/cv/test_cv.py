@@ -20,7 +20,7 @@ import pytest
 
 import experiments
 from experiments import cv, cv_small
-from tests.conftest import ROOT, blob_label, write_nifti, xla_flags
+from tests.conftest import ROOT, blob_label, cpu_env, write_nifti
 from wh_errmap.cv import children, commands, devices
 from wh_errmap.errors import UserError
 from wh_errmap.utils.signals import Interrupted
@@ -73,8 +73,7 @@ def test_probe_counts_devices_without_starting_a_backend_here():
   code = ("import experiments.cv; from wh_errmap.cv import devices; from jax._src import xla_bridge;"
           "d = devices.probe_devices(); print(d.backend, d.count, "
           "xla_bridge.backends_are_initialized())")
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=3"))
+  env = cpu_env(3)
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
@@ -239,7 +238,7 @@ TINY = ("model.width1=4", "model.width2=8", "preprocess.spacing=(2.0,2.0,2.0)",
 
 
 def launch_cv(workdir, data, cache):
-  env = dict(os.environ, WH_ERRMAP_CACHE=str(cache), JAX_PLATFORMS="cpu")
+  env = cpu_env(WH_ERRMAP_CACHE=str(cache))
   start = time.monotonic()
   result = subprocess.run(
       [sys.executable, "launch.py", "--experiment=cv_small", f"--workdir={workdir}",

@@ -17,7 +17,7 @@ import pytest
 from scipy import ndimage
 
 from experiments import export_model, predict
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cpu_env
 from wh_errmap import qc
 from wh_errmap.data.labels import TOTALSEGMENTATOR_NAMES
 from wh_errmap.data.phantom import make_phantom_case
@@ -334,7 +334,7 @@ def test_a_bad_model_file_is_one_line_and_status_2(run_dir, phantom, tmp_path, d
       [sys.executable, "launch.py", "--experiment=predict", f"--model={model}",
        f"--image={tmp_path / 'p_image.nii.gz'}", f"--mask={tmp_path / 'p_label.nii.gz'}"],
       cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+      env=cpu_env())
   assert result.returncode == 2, result.stderr[-2000:]
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and str(model) in lines[0], lines

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 from scipy import ndimage
 
 from experiments import predict
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cpu_env
 from tests.train.tiny import (tiny_config, tiny_segmentors,
                               train_tiny_predictor)
 from wh_errmap.qc import folder as folder_lib
@@ -370,7 +369,7 @@ def test_mismatched_mask_through_launch_is_one_line_and_status_2(run_dir, phanto
   result = subprocess.run(
       [sys.executable, "launch.py", "--experiment=predict", f"--workdir={run_dir}",
        f"--image={image_path}", f"--mask={mask_path}"], cwd=ROOT, capture_output=True,
-      text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+      text=True, timeout=300, env=cpu_env())
   assert result.returncode == 2, result.stderr[-2000:]
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: "), lines

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cpu_env
 from tests.train.tiny import train_tiny
 from wh_errmap.train.checkpoints import MANIFEST
 from wh_errmap.train.loop import TrainingDivergedError
@@ -36,7 +36,7 @@ def fault_run(workdir: Path, step_seconds: float = STEP_SECONDS, kill: str = "",
   return subprocess.Popen(
       [sys.executable, "-m", "tests.train.fault_run", str(workdir), str(NUM_STEPS),
        str(step_seconds)], cwd=ROOT,
-      env=dict(os.environ, JAX_PLATFORMS="cpu", FAULT_KILL=kill, FAULT_DISK_FULL_AT=disk_full_at),
+      env=cpu_env(FAULT_KILL=kill, FAULT_DISK_FULL_AT=disk_full_at),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -6,7 +6,6 @@ tests/train/multiprocess_training.py; see its docstring for what each trains.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tests.conftest import ROOT, xla_flags
+from tests.conftest import ROOT, cpu_env
 from tests.train.multiprocess_training import LOCAL_DEVICES, NUM_PROCESSES, NUM_STEPS
 
 SCRIPT = "tests.train.multiprocess_training"
@@ -31,8 +30,7 @@ def _free_port() -> int:
 
 def _env(device_count: int) -> dict[str, str]:
   # os.environ carries the session's persistent compilation cache (JAX_* set in conftest).
-  return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={device_count}"))
+  return cpu_env(device_count)
 
 
 def _tail(path: Path, chars: int = 3000) -> str:

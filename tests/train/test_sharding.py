@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from experiments import base
-from tests.conftest import ROOT, xla_flags
+from tests.conftest import ROOT, cpu_env
 from wh_errmap.errors import UserError
 from wh_errmap.train.sharding import Layout, lr_factor, model_layout, plan_layout
 from wh_errmap.utils.mesh import batch_sharding, global_batch, make_mesh
@@ -20,9 +19,7 @@ from wh_errmap.utils.mesh import batch_sharding, global_batch, make_mesh
 
 def _run_on_8_devices(code: str) -> None:
   """Runs `code` in a Python with 8 simulated CPU devices; it must print "ok" last."""
-  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
-             JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=cpu_env(8),
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, xla_flags
+from tests.conftest import ROOT, cpu_env
 from tests.train.tiny import tiny_cases, tiny_config, train_tiny
 from wh_errmap.models.factory import make_model
 from wh_errmap.train import loop
@@ -23,10 +22,8 @@ from wh_errmap.utils.mesh import make_mesh
 
 def sharded(part: str) -> dict:
   """tests/train/sharded_training.py's `part` on 8 simulated devices: its JSON."""
-  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
-             JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-m", "tests.train.sharded_training", part],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=cpu_env(8), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -5,10 +5,16 @@ import types
 
 import jax
 import ml_collections
+import nibabel as nib
 import numpy as np
+from scipy import ndimage
 
 from experiments import base
+from wh_errmap.data.nifti_io import load_case
+from wh_errmap.data.phantom import make_phantom_case
 from wh_errmap.data.pipeline import train_dataset
+from wh_errmap.data.preprocess import PreprocessConfig, preprocess_case
+from wh_errmap.data.training_reference import write_reference
 from wh_errmap.models.factory import make_model
 from wh_errmap.train import loop
 from wh_errmap.train.state import create_state, make_optimizer
@@ -113,7 +119,6 @@ def tiny_predictor_run(run) -> ml_collections.ConfigDict:
 
 def poorer(label: np.ndarray, grow: bool) -> np.ndarray:
   """Every structure of `label` dilated (over the background) or eroded by one voxel."""
-  from scipy import ndimage
   if grow:
     return np.where(label == 0, ndimage.grey_dilation(label, size=3), label)
   kept = np.zeros_like(label)
@@ -126,12 +131,6 @@ def tiny_qc_run(run, scratch) -> ml_collections.ConfigDict:
   """`tiny_predictor_run` plus the training reference of predict's out-of-distribution
   checks, from three phantom cases (written to `scratch`) with their labels and poorer
   masks (each structure eroded, or dilated, by one voxel: what segmentors' masks do)."""
-  import nibabel as nib
-
-  from wh_errmap.data.nifti_io import load_case
-  from wh_errmap.data.phantom import make_phantom_case
-  from wh_errmap.data.preprocess import PreprocessConfig, preprocess_case
-  from wh_errmap.data.training_reference import write_reference
   config = tiny_predictor_run(run)
   cases = []
   for index in (2, 3, 4):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from experiments import base, cv_fold_small
-from tests.conftest import ROOT, blob_label, write_nifti
+from tests.conftest import ROOT, blob_label, cpu_env, write_nifti
 from wh_errmap.errors import UserError, storage_error_message
 from wh_errmap.utils import atomic
 from wh_errmap.utils.workdir import check_writable, config_differences, record_config, run_lock
@@ -67,7 +67,7 @@ def test_unwritable_workdir_is_one_line_and_status_2(tmp_path):
   result = subprocess.run(
       [sys.executable, "launch.py", "--experiment=cv_fold_small", f"--workdir={blocker}/run",
        f"--cache_dir={tmp_path / 'cache'}"], cwd=ROOT, capture_output=True, text=True,
-      timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+      timeout=300, env=cpu_env())
   assert result.returncode == 2, result.stderr[-2000:]
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: cannot write to the workdir")
@@ -163,7 +163,7 @@ def launch_fold(workdir, data, cache, *extra):
   return subprocess.run(
       [sys.executable, "launch.py", "--experiment=cv_fold_small", f"--workdir={workdir}",
        f"--data_dir={data}", f"--cache_dir={cache}", *extra], cwd=ROOT, capture_output=True,
-      text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+      text=True, timeout=300, env=cpu_env())
 
 
 def test_a_double_launch_of_a_fold_is_one_line_naming_the_holder(tmp_path):
