@@ -15,7 +15,13 @@ for the whole output folder `qc.tsv`, `index.html` and ITK-SNAP / Slicer label f
 plus a new summary-<time>.json for a folder run. Output folder: --set=output_dir=...
 (default: MODEL_FILE's folder/predict or RUN/predict). An existing result is replaced
 only with --overwrite; the same assessment again is reused. In a folder, a failing pair
-is reported and skipped.
+is reported and skipped; the pairs are read ahead of the predictor and written behind it.
+
+--shard=i/n (i = 0..n-1) assesses every n-th pair of the folder (by pair name) from the i-th:
+n jobs of a SLURM array, or n processes on one host, each run one shard into one output
+folder (or one each) and write shard-i-of-n.json instead of the table; then
+`--experiment=qc_merge --results=FOLDER[,FOLDER...]` writes one qc.tsv, summary.json and
+gallery. A run killed at any point resumes when started again: finished pairs are kept.
 """
 from __future__ import annotations
 
@@ -27,8 +33,10 @@ import ml_collections
 from . import base
 from wh_errmap.errors import UserError
 from wh_errmap.qc.assessment import convention_from
-from wh_errmap.qc.folder import assess, assess_many, write_folder_report, write_summary
-from wh_errmap.qc.pairing import pair_folder
+from wh_errmap.qc import cohort
+from wh_errmap.qc.folder import assess, settings_identity, write_folder_report, write_summary
+from wh_errmap.qc.merge import write_manifest
+from wh_errmap.qc.pairing import pair_folder, pair_name
 from wh_errmap.qc.predictor import load_predictor, load_predictor_file
 from wh_errmap.qc.verdict import VERDICTS, Settings
 from wh_errmap.utils.progress import console
@@ -54,6 +62,12 @@ def get_config() -> ml_collections.ConfigDict:
   # cases are from each other (leave one out) times this
   c.qc.appearance_factor = 1.2
   c.qc.shape_bucket = 16         # pad crops to a multiple of this: fewer compilations
+  c.qc.prefetch = 2              # pairs read and preprocessed ahead of the predictor
+  c.qc.read_threads = 1          # threads reading them (each pair is read by one)
+  # pairs of one shape bucket, already read, that go through the predictor in one call;
+  # 0 = 4 on a GPU or TPU, 1 on the CPU (where a batch is no faster than its cases in turn)
+  c.qc.batch = 0
+  c.shard = ""                   # --shard=i/n: this job's share of a folder's pairs
   return c
 
 
@@ -95,20 +109,40 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
             f"QI {result['qi']:.4f} (soft {result['soft_qi']:.4f}); "
             f"{kept}outputs in {output_dir}{partial}")
     return
+  shard = cohort.parse_shard(config.shard)
   pairs, problems = pair_folder(image, mask)
-  console(f"[predict] {len(pairs)} pairs in {image}" + (f", {len(problems)} input(s) without "
-                                                         f"a pair" if problems else ""))
-  results, reused, failed = assess_many(pairs, predictor, output_dir, settings, labels,
-                                        config.overwrite, config.figures, console)
+  found = len(pairs)
+  if shard is not None:
+    pairs = cohort.shard_pairs(pairs, *shard)
+    problems = problems if shard[0] == 0 else []   # unpaired inputs: reported by shard 0
+  console(f"[predict] {len(pairs)} pairs" + (f" (shard {shard[0]}/{shard[1]} of {found})"
+                                              if shard else "") + f" in {image}"
+          + (f", {len(problems)} input(s) without a pair" if problems else ""))
+  timing = cohort.PhaseTimes()
+  rows, failed = cohort.assess_many(pairs, predictor, output_dir, settings, labels,
+                                    config.overwrite, config.figures, console,
+                                    prefetch=config.qc.prefetch,
+                                    read_threads=config.qc.read_threads,
+                                    batch=config.qc.batch or cohort.default_batch(),
+                                    timing=timing)
   problems += failed
-  report = write_folder_report(output_dir, config.figures)
-  summary = write_summary(output_dir, {
-      "predictor": predictor.provenance, "threshold": config.threshold, "cases": results,
-      "already_assessed": reused, "problems": problems})
-  counts = {v: sum(r["verdict"] == v for r in results) for v in VERDICTS}
-  console(f"{len(results)} pairs assessed ({len(reused)} of them kept from before): "
-          + ", ".join(f"{n} {v}" for v, n in counts.items() if n)
-          + f"; table {report['tsv']}" + (f", gallery {report['html']}" if "html" in report
-                                            else "") + f"; summary {summary}{partial}")
+  reused = [r["pair"] for r in rows if r["reused"]]
+  counts = {v: sum(r["verdict"] == v for r in rows) for v in VERDICTS}
+  done = (f"{len(rows)} pairs assessed ({len(reused)} of them kept from before): "
+          + ", ".join(f"{n} {v}" for v, n in counts.items() if n))
+  if shard is not None:
+    manifest = write_manifest(output_dir, *shard, [pair_name(*p) for p in pairs],
+                              settings_identity(predictor, settings, labels),
+                              rows, problems, timing.to_json(),
+                              {"image": str(image.absolute()), "mask": str(mask.absolute())})
+    console(f"{done}; shard manifest {manifest}{partial}. When every shard has finished: "
+            f"launch.py --experiment=qc_merge --results={output_dir}")
+  else:
+    report = write_folder_report(output_dir, config.figures)
+    summary = write_summary(output_dir, {
+        "predictor": predictor.provenance, "threshold": settings.threshold, "cases": rows,
+        "already_assessed": reused, "problems": problems, "timing": timing.to_json()})
+    console(f"{done}; table {report['tsv']}" + (f", gallery {report['html']}" if "html" in report
+                                                 else "") + f"; summary {summary}{partial}")
   if problems:
     raise UserError(f"{len(problems)} input(s) skipped: " + "; ".join(problems))

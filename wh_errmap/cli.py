@@ -45,6 +45,11 @@ _FIELDS = {
     "labels": flags.DEFINE_string(
         "labels", None, "predict: the masks' label convention: mmwhs, totalsegmentator, a "
         "dataset.json, or 1:RV,2:Myo,..."),
+    "shard": flags.DEFINE_string(
+        "shard", None, "predict: assess shard i of n of a folder's pairs (i/n, i = 0..n-1, "
+        "e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)."),
+    "results": flags.DEFINE_string(
+        "results", None, "qc_merge: predict's output folder(s) to merge, comma-separated."),
     "overwrite": flags.DEFINE_boolean(
         "overwrite", None, "Move aside a workdir recorded with other settings and start afresh, "
         "or train a model whose checkpoints are all damaged from scratch; predict: replace "

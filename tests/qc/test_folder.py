@@ -22,7 +22,8 @@ from tests.train.tiny import (tiny_config, tiny_segmentors,
 from wh_errmap.qc import folder as folder_lib
 from wh_errmap.data.phantom import make_phantom_case
 from wh_errmap.errors import UserError
-from wh_errmap.qc.folder import assess, assess_many
+from wh_errmap.qc.cohort import assess_many
+from wh_errmap.qc.folder import assess
 from wh_errmap.qc.pairing import pair_folder
 from wh_errmap.qc.predictor import Predictor, load_predictor
 from wh_errmap.utils.mesh import make_mesh
@@ -246,14 +247,14 @@ def test_folder_run_skips_bad_pairs_and_a_second_run_resumes(run_dir, phantom_pa
 def test_any_failure_of_a_pair_is_reported_and_the_others_complete(run_dir, phantom_pair,
                                                                    tmp_path, monkeypatch, error):
   images, masks = make_folders(tmp_path, phantom_pair, ["bad", "good"])
-  real_assess = folder_lib.assess_mask
+  real_prepare = folder_lib.prepare
 
   def assess_pair(image, mask, *args, **kwargs):
     if Path(image).name.startswith("bad"):
       raise error
-    return real_assess(image, mask, *args, **kwargs)
+    return real_prepare(image, mask, *args, **kwargs)
 
-  monkeypatch.setattr(folder_lib, "assess_mask", assess_pair)
+  monkeypatch.setattr(folder_lib, "prepare", assess_pair)
   with pytest.raises(UserError, match="^1 input") as info:
     run_predict(run_dir, tmp_path / "out", images, masks)
   message = str(info.value)
@@ -271,7 +272,7 @@ def test_interrupting_a_folder_run_is_not_swallowed(run_dir, phantom_pair, tmp_p
   def assess_pair(*args, **kwargs):
     raise stop()
 
-  monkeypatch.setattr(folder_lib, "assess_mask", assess_pair)
+  monkeypatch.setattr(folder_lib, "prepare", assess_pair)
   known = KnownPredictor(None, None, load_run_config(run_dir), str(run_dir), 0, 1, 1)
   pair = (phantom_pair["as_generated", "image"], phantom_pair["as_generated", "label"])
   with pytest.raises(stop):

@@ -180,11 +180,12 @@ def valid_region(properties: dict[str, Any]) -> np.ndarray:
 
 
 def restore_to_original(volume: np.ndarray, properties: dict[str, Any],
-                        order: int = 0) -> np.ndarray:
+                        order: int | str = 0) -> np.ndarray:
   """Maps a (X, Y, Z) volume in preprocessed space back to the original file's grid.
 
   order=0 for label maps (resampled through class indicators, see `_resample`), 1 for
-  probabilities (linear). Outside the crop box the result is 0.
+  probabilities (linear), "nearest" for the nearest voxel's value (one pass whatever the
+  number of classes). Outside the crop box the result is 0.
   """
   start = np.asarray(properties["crop_start"])
   stop = np.asarray(properties["crop_stop"])
@@ -198,8 +199,13 @@ def restore_to_original(volume: np.ndarray, properties: dict[str, Any],
   lo = np.clip(np.floor(offset + scale * (start - 1)).astype(int), 0, shape)
   hi = np.clip(np.ceil(offset + scale * stop).astype(int) + 1, 0, shape)
   # canonical index lo + i -> crop index (lo + i - offset) / scale - start
-  region = _resample(volume, 1.0 / scale, (lo - offset) / scale - start, hi - lo,
-                     label=order == 0, outside="constant")
+  if order == "nearest":
+    region = ndimage.affine_transform(volume, 1.0 / scale, (lo - offset) / scale - start,
+                                      tuple(int(n) for n in hi - lo), order=0,
+                                      mode="constant", cval=0, prefilter=False)
+  else:
+    region = _resample(volume, 1.0 / scale, (lo - offset) / scale - start, hi - lo,
+                       label=order == 0, outside="constant")
   canonical = np.zeros(tuple(shape), region.dtype)
   canonical[tuple(slice(a, b) for a, b in zip(lo, hi))] = region
   return np.ascontiguousarray(from_canonical(canonical, np.asarray(properties["original_affine"])))

@@ -160,6 +160,34 @@ def error_probability(model: VoxResNet, variables: Any, image: jax.Array, mask: 
   return jax.nn.sigmoid(model.apply(variables, inputs, train=False)["final"][0, ..., 0])
 
 
+@functools.partial(jax.jit, static_argnames=("model", "num_classes"))
+def error_probabilities(model: VoxResNet, variables: Any, images: jax.Array, masks: jax.Array,
+                        num_classes: int) -> jax.Array:
+  """`error_probability` of a batch: images (B, X, Y, Z, 1), masks (B, X, Y, Z) ->
+  (B, X, Y, Z). Each map is that of its own case alone (no statistics are shared)."""
+  inputs = predictor_input(images, masks, num_classes)
+  return jax.nn.sigmoid(model.apply(variables, inputs, train=False)["final"][..., 0])
+
+
+def predict_error_maps(model: VoxResNet, variables: Any, images: Sequence[np.ndarray],
+                       masks: Sequence[np.ndarray], num_classes: int,
+                       shape_bucket: int = 1) -> list[np.ndarray]:
+  """The error maps of several cases in one call: each (X, Y, Z, 1) image and (X, Y, Z) mask
+  edge-padded to the batch's common bucket shape (as `predict_error_map`), the batch padded
+  to a power of two by repeating its last case (one compiled program per bucket and size
+  1, 2, 4, ...). Returns each case's (X, Y, Z) float32 map, cropped back."""
+  bucket = max(1, shape_bucket)
+  shape = [max(-(-m.shape[axis] // bucket) * bucket for m in masks) for axis in range(3)]
+  size = 1 << (len(masks) - 1).bit_length()
+  stacked_images = [_edge_pad(i, shape) for i in images]
+  stacked_masks = [_edge_pad(np.asarray(m, np.int32), shape) for m in masks]
+  stacked_images += stacked_images[-1:] * (size - len(images))
+  stacked_masks += stacked_masks[-1:] * (size - len(masks))
+  probs = np.asarray(error_probabilities(model, variables, jnp.asarray(np.stack(stacked_images)),
+                                         jnp.asarray(np.stack(stacked_masks)), num_classes))
+  return [probs[k][tuple(slice(0, int(n)) for n in m.shape)] for k, m in enumerate(masks)]
+
+
 def predict_error_map(model: VoxResNet, variables: Any, image: np.ndarray, mask: np.ndarray,
                       num_classes: int, mesh: jax.sharding.Mesh | None = None,
                       shape_bucket: int = 1) -> np.ndarray:

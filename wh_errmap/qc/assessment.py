@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,16 +66,19 @@ class Assessment:
     return (self.error_prob > self.scores["threshold"]).astype(np.uint8)
 
   def errors_by_structure(self) -> np.ndarray:
-    """(X, Y, Z) map in the mask's own label values: each predicted-wrong voxel carries the
-    structure it concerns (its own mask structure, or for a wrong background voxel the
-    nearest structure within 2 voxels of the model grid: a likely miss of it); 0 elsewhere."""
-    mask, wrong = self.crop["mask"], self.crop["error_prob"] > self.scores["threshold"]
-    nearest = mask
+    """(X, Y, Z) map in the mask's own label values, nonzero only where `error` is 1: a
+    predicted-wrong voxel of a structure carries that structure (read from the mask file
+    itself), a predicted-wrong background voxel the nearest structure within 2 voxels of the
+    model grid (a likely miss of it), or 0 when none is that near."""
+    mask = self.crop["mask"]
+    near = np.zeros_like(mask)
     if mask.any():
       distance, index = ndimage.distance_transform_edt(mask == 0, return_indices=True)
-      nearest = np.where(distance <= 2, mask[tuple(index)], 0)
-    classes = np.where(wrong, np.where(mask > 0, mask, nearest), 0).astype(np.uint8)
-    return self.convention.decode(restore_to_original(classes, self.properties, order=0))
+      near = np.where(distance <= 2, mask[tuple(index)], 0).astype(mask.dtype)
+    near = restore_to_original(near, self.properties, order="nearest")
+    own = self.encoded.classes
+    classes = np.where(self.error > 0, np.where(own > 0, own, near), 0).astype(np.uint8)
+    return self.convention.decode(classes)
 
   def write(self, output_dir: str | os.PathLike, name: str) -> dict[str, Path]:
     """Writes `<name>_error_prob.nii.gz`, `<name>_error.nii.gz` and
@@ -104,25 +108,28 @@ def read_volume(volume: Volume, what: str) -> tuple[np.ndarray, np.ndarray, str]
   return (*read_image_object(volume, name), name)
 
 
-def assess(image: Volume, mask: Volume, model: Predictor | str | os.PathLike,
-           labels: str | LabelConvention | None = None, settings: Settings | None = None,
-           progress: Callable[[str], None] = console,
-           reference: Volume | None = None) -> Assessment:
-  """Assesses `mask` (a path, a nibabel image, or a TotalSegmentator per-structure folder)
-  of `image` (a path or a nibabel image) with `model` (a Predictor or a model file path).
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """A pair read and preprocessed as the predictor's training data was: what the predictor
+  needs (`image`, `mask`: the crop, model grid) and what scoring needs afterwards.
+  seconds: time spent reading the files ("read") and resampling ("resample")."""
+  image: np.ndarray
+  mask: np.ndarray
+  valid: np.ndarray
+  properties: dict[str, Any]
+  convention: LabelConvention
+  encoded: EncodedMask
+  reference: np.ndarray | None
+  seconds: dict[str, float]
 
-  labels: the mask's label convention (see `data.labels.parse_labels`); None accepts
-  MMWHS codes only. Raises InvalidCaseError (one line, naming the file) for unusable input.
-  reference: the image's ground truth, in the mask's convention, for scoring only
-  (calibration): it is cropped with the mask's box, never places it. Adds scores["true"]
-  (true Dice per structure and their mean, accuracy) and crop["reference"].
-  """
-  predictor = model if isinstance(model, Predictor) else load_predictor_file(model)
-  settings = settings or Settings()
-  calibration = (Calibration.from_dict(predictor.calibration) if predictor.calibration
-                 else None)
-  if calibration is not None:   # the threshold fitted on the user's own cases
-    settings = dataclasses.replace(settings, threshold=calibration.threshold)
+
+def prepare(image: Volume, mask: Volume, predictor: Predictor,
+            labels: str | LabelConvention | None = None,
+            progress: Callable[[str], None] = console,
+            reference: Volume | None = None) -> Prepared:
+  """Reads `mask` of `image` in its label convention and preprocesses both (steps 1-2 of
+  the module docstring, without the predictor). Raises InvalidCaseError for unusable input."""
+  start = time.perf_counter()
   convention = convention_from(labels)
   image_volume = read_volume(image, "image")
   if isinstance(mask, (str, os.PathLike)) and is_structure_folder(mask):
@@ -142,22 +149,59 @@ def assess(image: Volume, mask: Volume, model: Predictor | str | os.PathLike,
   warning = dropped_warning(mask_volume[2], encoded, convention)
   if warning:
     progress(warning)
+  resample = time.perf_counter()
   preprocess = PreprocessConfig.from_config(predictor.config)
   pre = preprocess_case(case, preprocess)
-  valid = valid_region(pre.properties)
-  prob = np.where(valid, predictor.error_map(pre.image, pre.label), 0.0).astype(np.float32)
-  scores = assessment_scores(pre.image, pre.label, prob, valid, pre.properties, predictor,
-                             convention, encoded, settings, calibration)
-  crop = {"image": pre.image, "mask": pre.label, "error_prob": prob, "valid": valid,
-          "spacing": tuple(pre.properties["spacing"])}
+  truth = None
   if reference is not None:
-    truth = make_case(image_volume, read_volume(reference, "reference"), case.case_id,
-                      lambda path, raw: convention.encode(path, raw).classes)
-    crop["reference"] = preprocess_case(truth, preprocess, crop_label=case.label).label
-    scores["true"] = true_scores(pre.label, crop["reference"], valid, convention)
-  restored = restore_to_original(prob, pre.properties, order=1).astype(np.float32)
-  return Assessment(scores, restored, np.asarray(pre.properties["original_affine"]), crop,
-                    pre.properties, convention, encoded)
+    truth_case = make_case(image_volume, read_volume(reference, "reference"), case.case_id,
+                           lambda path, raw: convention.encode(path, raw).classes)
+    truth = preprocess_case(truth_case, preprocess, crop_label=case.label).label
+  seconds = {"read": resample - start, "resample": time.perf_counter() - resample}
+  return Prepared(pre.image, pre.label, valid_region(pre.properties), pre.properties,
+                  convention, encoded, truth, seconds)
+
+
+def finish(prepared: Prepared, prob: np.ndarray, predictor: Predictor,
+           settings: Settings | None = None) -> Assessment:
+  """Scores a prepared pair from the predictor's error map of it (`Predictor.error_map` of
+  its image and mask) and maps the map back onto the image file's grid (steps 3-4)."""
+  settings = settings or Settings()
+  calibration = (Calibration.from_dict(predictor.calibration) if predictor.calibration
+                 else None)
+  if calibration is not None:   # the threshold fitted on the user's own cases
+    settings = dataclasses.replace(settings, threshold=calibration.threshold)
+  valid, properties = prepared.valid, prepared.properties
+  prob = np.where(valid, prob, 0.0).astype(np.float32)
+  scores = assessment_scores(prepared.image, prepared.mask, prob, valid, properties, predictor,
+                             prepared.convention, prepared.encoded, settings, calibration)
+  crop = {"image": prepared.image, "mask": prepared.mask, "error_prob": prob, "valid": valid,
+          "spacing": tuple(properties["spacing"])}
+  if prepared.reference is not None:
+    crop["reference"] = prepared.reference
+    scores["true"] = true_scores(prepared.mask, prepared.reference, valid, prepared.convention)
+  restored = restore_to_original(prob, properties, order=1).astype(np.float32)
+  return Assessment(scores, restored, np.asarray(properties["original_affine"]), crop,
+                    properties, prepared.convention, prepared.encoded)
+
+
+def assess(image: Volume, mask: Volume, model: Predictor | str | os.PathLike,
+           labels: str | LabelConvention | None = None, settings: Settings | None = None,
+           progress: Callable[[str], None] = console,
+           reference: Volume | None = None) -> Assessment:
+  """Assesses `mask` (a path, a nibabel image, or a TotalSegmentator per-structure folder)
+  of `image` (a path or a nibabel image) with `model` (a Predictor or a model file path).
+
+  labels: the mask's label convention (see `data.labels.parse_labels`); None accepts
+  MMWHS codes only. Raises InvalidCaseError (one line, naming the file) for unusable input.
+  reference: the image's ground truth, in the mask's convention, for scoring only
+  (calibration): it is cropped with the mask's box, never places it. Adds scores["true"]
+  (true Dice per structure and their mean, accuracy) and crop["reference"].
+  """
+  predictor = model if isinstance(model, Predictor) else load_predictor_file(model)
+  prepared = prepare(image, mask, predictor, labels, progress, reference)
+  return finish(prepared, predictor.error_map(prepared.image, prepared.mask), predictor,
+                settings)
 
 
 def true_scores(mask: np.ndarray, reference: np.ndarray, valid: np.ndarray,

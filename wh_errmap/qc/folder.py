@@ -18,20 +18,24 @@ The predictor only reads its run (checkpoints restored read-only) or its model f
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
+import glob
 import hashlib
 import io
 import json
-import time
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from wh_errmap.data.labels import LabelConvention
 from wh_errmap.data.nifti_io import InvalidCaseError
 from wh_errmap.data.structures import STRUCTURES
 from wh_errmap.errors import UserError
-from wh_errmap.qc.assessment import assess as assess_mask, convention_from
+from wh_errmap.qc.assessment import Prepared, convention_from, finish, prepare
 from wh_errmap.qc.colours import write_colour_tables
 from wh_errmap.qc.figure import case_figure
 from wh_errmap.qc.gallery import write_gallery
@@ -43,11 +47,92 @@ from wh_errmap.utils.progress import console
 
 Progress = Callable[[str], None]
 # What makes two assessments of a pair the same, with the words that name a difference.
-_IDENTITY = {"image_sha256": "image file contents", "mask_sha256": "mask file contents",
+IDENTITY = {"image_sha256": "image file contents", "mask_sha256": "mask file contents",
              "threshold": "threshold", "settings": "verdict settings",
              "labels": "label convention",
              "predictor": "predictor (run, model file, fold or checkpoint)"}
 TSV_FILE = "qc.tsv"
+# What a pair writes, after `<pair>`.
+OUTPUT_SUFFIXES = ("_error_prob.nii.gz", "_error.nii.gz", "_errors_by_structure.nii.gz",
+                   "_qc.png", "_qc_thumb.png", "_qc.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pending:
+  """A pair read and preprocessed whose result is still to be computed and written."""
+  name: str
+  image: Path
+  mask: Path
+  identity: dict[str, Any]
+  prepared: Prepared
+
+
+def settings_identity(predictor: Predictor, settings: Settings,
+                      convention: LabelConvention | None) -> dict[str, Any]:
+  """The part of `IDENTITY` that a whole run shares: threshold, verdict settings, label
+  convention and predictor."""
+  return {"threshold": settings.threshold,
+          "settings": {k: v for k, v in vars(settings).items() if k != "threshold"},
+          "labels": None if convention is None else convention.to_json(),
+          "predictor": predictor.provenance}
+
+
+def identity_of(image_path: Path, mask_path: Path, predictor: Predictor, settings: Settings,
+                convention: LabelConvention | None) -> dict[str, Any]:
+  """What makes two assessments of a pair the same (`IDENTITY`): the inputs' contents and
+  `settings_identity`."""
+  return {"image_sha256": _sha256(image_path), "mask_sha256": _sha256(mask_path),
+          **settings_identity(predictor, settings, convention)}
+
+
+def begin(image_path: str | Path, mask_path: str | Path, predictor: Predictor,
+          output_dir: str | Path, settings: Settings = Settings(),
+          labels: str | LabelConvention | None = None, overwrite: bool = False,
+          progress: Progress = console) -> tuple[dict[str, Any] | None, Pending | None]:
+  """The first half of `assess`: (the pair's existing result, None) when `<pair>_qc.json`
+  already holds this very assessment and its files are there; else (None, the pair read and
+  preprocessed). Raises UserError when the folder holds another assessment of the pair and
+  not overwrite, InvalidCaseError for unusable input."""
+  image_path, mask_path, output_dir = Path(image_path), Path(mask_path), Path(output_dir)
+  name = pair_name(image_path, mask_path)
+  report = output_dir / f"{name}_qc.json"
+  convention = convention_from(labels)
+  identity = identity_of(image_path, mask_path, predictor, settings, convention)
+  if report.exists() and not overwrite:
+    previous = _same_assessment(report, identity, name)
+    if all((output_dir / f).exists() for f in previous.get("files", [])):
+      return previous, None
+  prepared = prepare(image_path, mask_path, predictor, convention, progress)
+  return None, Pending(name, image_path, mask_path, identity, prepared)
+
+
+def complete(pending: Pending, prob: np.ndarray, predictor: Predictor, output_dir: str | Path,
+             settings: Settings = Settings(), figures: bool = True) -> dict[str, Any]:
+  """The second half of `assess`: scores the pair from its error map `prob` and writes its
+  outputs, `_qc.json` last; on a failure the files written are removed."""
+  output_dir, name = Path(output_dir), pending.name
+  report = output_dir / f"{name}_qc.json"
+  assessment = finish(pending.prepared, prob, predictor, settings)
+  report.unlink(missing_ok=True)   # an old result must not describe the new maps
+  _remove_leftovers(output_dir, name)
+  paths: dict[str, Path] = {}
+  with removed_on_failure(paths):
+    paths.update(assessment.write(output_dir, name))
+    if figures:
+      paths["png"] = output_dir / f"{name}_qc.png"
+      paths["thumbnail"] = output_dir / f"{name}_qc_thumb.png"
+      crop = assessment.crop
+      case_figure(paths["png"], crop["image"], crop["mask"], crop["error_prob"],
+                  crop["spacing"], f"{name}: {assessment.scores['verdict']}",
+                  assessment.scores["threshold"], crop["valid"],
+                  thumbnail_path=paths["thumbnail"])
+    result = {"pair": name, "case_id": image_case(pending.image),
+              "image": str(pending.image.absolute()), "mask": str(pending.mask.absolute()),
+              **pending.identity, **assessment.scores,
+              "convention": assessment.convention.to_json(),
+              "files": sorted(p.name for p in paths.values())}
+    write_json(report, result)
+  return result
 
 
 def assess(image_path: str | Path, mask_path: str | Path, predictor: Predictor,
@@ -62,80 +147,20 @@ def assess(image_path: str | Path, mask_path: str | Path, predictor: Predictor,
   Returns (result, reused): reused when `<pair>_qc.json` already held this very assessment
   (nothing is recomputed). Raises UserError when it holds another one and not overwrite.
   """
-  image_path, mask_path, output_dir = Path(image_path), Path(mask_path), Path(output_dir)
-  name = pair_name(image_path, mask_path)
-  report = output_dir / f"{name}_qc.json"
-  convention = convention_from(labels)
-  identity = {"image_sha256": _sha256(image_path), "mask_sha256": _sha256(mask_path),
-              "threshold": settings.threshold,
-              "settings": {k: v for k, v in vars(settings).items() if k != "threshold"},
-              "labels": None if convention is None else convention.to_json(),
-              "predictor": predictor.provenance}
-  if report.exists() and not overwrite:
-    previous = _same_assessment(report, identity, name)
-    if all((output_dir / f).exists() for f in previous.get("files", [])):
-      return previous, True
-  assessment = assess_mask(image_path, mask_path, predictor, convention, settings, progress)
-  report.unlink(missing_ok=True)   # an old result must not describe the new maps
-  paths: dict[str, Path] = {}
-  with removed_on_failure(paths):
-    paths.update(assessment.write(output_dir, name))
-    if figures:
-      paths["png"] = output_dir / f"{name}_qc.png"
-      paths["thumbnail"] = output_dir / f"{name}_qc_thumb.png"
-      crop = assessment.crop
-      case_figure(paths["png"], crop["image"], crop["mask"], crop["error_prob"],
-                  crop["spacing"], f"{name}: {assessment.scores['verdict']}",
-                  settings.threshold, crop["valid"], thumbnail_path=paths["thumbnail"])
-    result = {"pair": name, "case_id": image_case(image_path),
-              "image": str(image_path.absolute()), "mask": str(mask_path.absolute()),
-              **identity, **assessment.scores,
-              "convention": assessment.convention.to_json(),
-              "files": sorted(p.name for p in paths.values())}
-    write_json(report, result)
-  return result, False
+  previous, pending = begin(image_path, mask_path, predictor, output_dir, settings, labels,
+                            overwrite, progress)
+  if pending is None:
+    return previous, True
+  prob = predictor.error_map(pending.prepared.image, pending.prepared.mask)
+  return complete(pending, prob, predictor, output_dir, settings, figures), False
 
 
-def assess_many(pairs: list[tuple[Path, Path]], predictor: Predictor, output_dir: Path,
-                settings: Settings = Settings(),
-                labels: str | LabelConvention | None = None, overwrite: bool = False,
-                figures: bool = True, progress: Progress = console,
-                ) -> tuple[list[dict], list[str], list[str]]:
-  """Assesses every pair, with a progress bar and ETA. Any failure of a pair (a bad file,
-  an existing other result, out of memory, ...) is reported and the pair skipped; the
-  others complete. KeyboardInterrupt and SystemExit stop the batch.
-
-  Returns (results, names of the pairs whose result was reused, problems).
-  """
-  results, reused, problems = [], [], []
-  start = time.monotonic()
-  for i, (image, mask) in enumerate(pairs):
-    try:
-      result, was_done = assess(image, mask, predictor, output_dir, settings, labels,
-                                overwrite, figures, progress)
-    except Exception as e:  # noqa: BLE001  (one bad pair must not stop the batch)
-      problems.append(_describe(e, image, mask))
-      progress(f"{_bar(i + 1, len(pairs), start)} skipped: {problems[-1]}")
-      continue
-    results.append(result)
-    if was_done:
-      reused.append(result["pair"])
-    dice = result.get("mean_predicted_dice")
-    state = "already assessed, kept" if was_done else "assessed"
-    progress(f"{_bar(i + 1, len(pairs), start)} {result['pair']}: "
-             f"{result['verdict']}, predicted Dice "
-             f"{'-' if dice is None else f'{dice:.3f}'}, QI {result['qi']:.4f} ({state})")
-  return results, reused, problems
-
-
-def _bar(done: int, total: int, start: float) -> str:
-  """`[#####.....] 5/10 ETA 0:01:10`: the time left from the pace so far."""
-  width = 20
-  filled = round(width * done / max(1, total))
-  elapsed = time.monotonic() - start
-  left = elapsed / done * (total - done) if done else 0.0
-  return (f"[predict] [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
-          f"ETA {datetime.timedelta(seconds=round(left))}")
+def _remove_leftovers(output_dir: Path, name: str) -> None:
+  """Removes the temporary files that a killed assessment of the pair left (atomic_path's
+  `.<file>.*`); other pairs' are not touched."""
+  for suffix in OUTPUT_SUFFIXES:
+    for path in output_dir.glob(f".{glob.escape(name)}{suffix}.*"):
+      path.unlink(missing_ok=True)
 
 
 def write_summary(output_dir: Path, payload: dict[str, Any]) -> Path:
@@ -205,32 +230,46 @@ def tsv_row(result: dict[str, Any]) -> dict[str, Any]:
   return row
 
 
-def write_folder_report(output_dir: Path, figures: bool = True) -> dict[str, Path]:
-  """Rewrites the folder's `qc.tsv` (one row per result in it), and with figures its
-  `index.html` gallery and the label files for ITK-SNAP and 3D Slicer."""
-  results = folder_results(output_dir)
+def write_folder_report(output_dir: Path, figures: bool = True,
+                        results: list[tuple[Path, dict[str, Any]]] | None = None,
+                        ) -> dict[str, Path]:
+  """Rewrites the folder's `qc.tsv` (one row per result), and with figures its `index.html`
+  gallery and the label files for ITK-SNAP and 3D Slicer.
+
+  results: (folder, result) pairs, sorted by pair; default: every result in `output_dir`.
+  The gallery links each result's files in its own folder."""
+  output_dir = Path(output_dir)
+  if results is None:
+    results = [(output_dir, r) for r in folder_results(output_dir)]
   text = io.StringIO()
   writer = csv.DictWriter(text, TSV_COLUMNS, delimiter="\t", lineterminator="\n")
   writer.writeheader()
-  writer.writerows(tsv_row(r) for r in results)
+  writer.writerows(tsv_row(r) for _, r in results)
   paths = {"tsv": output_dir / TSV_FILE}
   with atomic_path(paths["tsv"], ".tsv") as tmp:
     Path(tmp).write_text(text.getvalue())
   if not figures:
     return paths
-  rows = [{"pair": r["pair"], "verdict": r["verdict"],
-           "mean_predicted_dice": r.get("mean_predicted_dice"),
-           "min_predicted_dice": r.get("min_predicted_dice"), "qi": r.get("qi"),
-           "soft_qi": r.get("soft_qi"), "reasons": r.get("reasons", []),
-           "png": f"{r['pair']}_qc.png" if f"{r['pair']}_qc.png" in r.get("files", []) else None,
-           "thumbnail": _thumbnail(output_dir, r),
-           "files": [f"{r['pair']}_qc.json"] + [f for f in r.get("files", [])
-                                                if not f.endswith(".png")],
-           "predicted_dice": {s: v.get("predicted_dice")
-                              for s, v in r.get("structures", {}).items()}} for r in results]
+  rows = []
+  for folder, r in results:
+    where = Path(os.path.relpath(folder, output_dir))
+    files = r.get("files", [])
+    png = f"{r['pair']}_qc.png"
+    thumbnail = _thumbnail(folder, r)
+    rows.append({
+        "pair": r["pair"], "verdict": r["verdict"],
+        "mean_predicted_dice": r.get("mean_predicted_dice"),
+        "min_predicted_dice": r.get("min_predicted_dice"), "qi": r.get("qi"),
+        "soft_qi": r.get("soft_qi"), "reasons": r.get("reasons", []),
+        "png": str(where / png) if png in files else None,
+        "thumbnail": None if thumbnail is None else str(where / thumbnail),
+        "files": [str(where / f) for f in [f"{r['pair']}_qc.json"] + files
+                  if not f.endswith(".png")],
+        "predicted_dice": {s: v.get("predicted_dice")
+                           for s, v in r.get("structures", {}).items()}})
   paths["html"] = write_gallery(output_dir, rows)
   values = {}
-  for r in results:
+  for _, r in results:
     for name, s in r.get("structures", {}).items():
       if s.get("label_value") is not None:
         values.setdefault(int(s["label_value"]), name)
@@ -239,9 +278,9 @@ def write_folder_report(output_dir: Path, figures: bool = True) -> dict[str, Pat
   return paths
 
 
-def _thumbnail(output_dir: Path, result: dict[str, Any]) -> str | None:
+def _thumbnail(folder: Path, result: dict[str, Any]) -> str | None:
   for name in (f"{result['pair']}_qc_thumb.png", f"{result['pair']}_qc.png"):
-    if (output_dir / name).exists():
+    if (folder / name).exists():
       return name
   return None
 
@@ -253,7 +292,7 @@ def _same_assessment(report: Path, identity: dict[str, Any], name: str) -> dict[
   except (OSError, ValueError) as e:
     raise UserError(f"{report} is unreadable ({e}); it is kept: use --overwrite to replace "
                     f"it") from None
-  differs = [words for key, words in _IDENTITY.items() if previous.get(key) != identity[key]]
+  differs = [words for key, words in IDENTITY.items() if previous.get(key) != identity[key]]
   if differs:
     raise UserError(f"{report} already holds a result for {name} with another "
                     f"{', '.join(differs)}; it is kept: use --overwrite to replace it, or "
@@ -261,7 +300,7 @@ def _same_assessment(report: Path, identity: dict[str, Any], name: str) -> dict[
   return previous
 
 
-def _describe(error: Exception, image: Path, mask: Path) -> str:
+def describe(error: Exception, image: Path, mask: Path) -> str:
   """One line naming the pair and what went wrong."""
   text = " ".join(str(error).split())
   if isinstance(error, UserError):

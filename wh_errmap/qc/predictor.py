@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from wh_errmap.data.structures import NUM_CLASSES
 from wh_errmap.data.training_reference import read_reference
 from wh_errmap.errors import UserError
 from wh_errmap.models.factory import predictor_model
-from wh_errmap.models.inference import predict_error_map
+from wh_errmap.models.inference import predict_error_map, predict_error_maps
 from wh_errmap.models.voxresnet import VoxResNet
 from wh_errmap.qc.model_file import load_model, save_model
 from wh_errmap.train.checkpoints import restore_variables
@@ -59,6 +59,20 @@ class Predictor:
     its (X, Y, Z) integer mask (classes 0..7), computed on the padded bucket shape."""
     return predict_error_map(self.model, self.variables, image[..., None], mask, NUM_CLASSES,
                              shape_bucket=self.shape_bucket)
+
+  def bucket_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape a crop of `shape` is padded to: cases of one bucket can share a batch."""
+    bucket = max(1, self.shape_bucket)
+    return tuple(-(-int(n) // bucket) * bucket for n in shape)
+
+  def error_maps(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]
+                 ) -> list[np.ndarray]:
+    """`error_map` of several cases of one bucket (`bucket_shape`), in one call of the
+    predictor when there are several."""
+    if len(images) == 1:
+      return [self.error_map(images[0], masks[0])]
+    return predict_error_maps(self.model, self.variables, [i[..., None] for i in images],
+                              masks, NUM_CLASSES, shape_bucket=self.shape_bucket)
 
   def training_record(self) -> dict[str, Any]:
     """What a model file records of the training data: its source (`data_source`), the
