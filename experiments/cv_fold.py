@@ -28,7 +28,7 @@ from wh_errmap.metrics.quality import correlations
 from wh_errmap.models.factory import SEGMENTORS
 from wh_errmap.train.sharding import Layout
 from wh_errmap.train.stages import model_layouts, train_predictor, train_segmentor
-from wh_errmap.utils.progress import console
+from wh_errmap.utils.progress import StageClock, console
 from wh_errmap.utils.workdir import run_lock
 
 STAGES = ("segmentors", "predictor", "evaluate")
@@ -65,52 +65,67 @@ def check_stage(stage: str) -> tuple[str, ...]:
   return STAGES if stage == "all" else (stage,)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+def run(config: ml_collections.ConfigDict, workdir: str, clock: StageClock | None = None
+        ) -> None:
+  """Runs the fold's stages; prints each stage's wall time and, unless a caller's `clock`
+  goes on timing more stages, the breakdown line at the end."""
+  own_clock = clock is None
+  clock = clock or StageClock()
   stages = check_stage(config.stage)
   console(data_line(config))
   # Every model's batch must fit the devices, and the settings the workdir's: say so
   # before any data or training work.
   layouts = model_layouts(config)
-  dataset = open_run(workdir, config, base.get_config())
+  with clock("data"):
+    dataset = open_run(workdir, config, base.get_config())
   # One run per fold at a time (a double launch, a requeued job while the old one lives);
   # with several processes (jax.distributed), process 0 holds it for all.
   lock = (run_lock(Path(workdir) / f"fold{config.fold}.lock") if jax.process_index() == 0
           else contextlib.nullcontext())
   with lock:
-    _run_fold(config, workdir, dataset, stages, layouts)
+    _run_fold(config, workdir, dataset, stages, layouts, clock)
+  if own_clock:
+    console(clock.summary())
 
 
 def _run_fold(config: ml_collections.ConfigDict, workdir: str, dataset: Dataset,
-              stages: tuple[str, ...], layouts: dict[str, Layout]) -> None:
-  train_cases, test_cases = dataset.fold(config.fold)
-  # Test cases are scored as whole scans, split over the local devices when mesh.space
-  # asks for it: no crop around their ground truth.
-  scans = TestScans.of(dataset, test_cases, config.mesh.space)
+              stages: tuple[str, ...], layouts: dict[str, Layout], clock: StageClock) -> None:
+  with clock("data"):
+    train_cases, test_cases = dataset.fold(config.fold)
+    # Test cases are scored as whole scans, split over the local devices when mesh.space
+    # asks for it: no crop around their ground truth.
+    scans = TestScans.of(dataset, test_cases, config.mesh.space)
   fold_dir = Path(workdir) / f"fold{config.fold}"
   console(f"fold {config.fold}: {len(train_cases)} training and {len(test_cases)} test cases; "
           f"outputs in {fold_dir}; " + ", ".join(f"{name} {layout.describe()}"
                                                   for name, layout in layouts.items()))
   # Training a finished model only restores it, so later stages can always ask for it.
-  segmentors = {name: train_segmentor(config, name, train_cases, fold_dir, layouts[name])
-                for name in SEGMENTORS}
+  segmentors = {}
+  for name in SEGMENTORS:
+    with clock(name):
+      segmentors[name] = train_segmentor(config, name, train_cases, fold_dir, layouts[name])
   # Scoring runs on one process's own devices; with several processes (jax.distributed)
   # process 0 alone scores and writes the fold's outputs.
   scorer = jax.process_index() == 0
   if "segmentors" in stages and scorer:
-    console(scans.score_segmentors(config, segmentors, fold_dir / "segmentors.json"))
+    with clock("segmentor scores"):
+      console(scans.score_segmentors(config, segmentors, fold_dir / "segmentors.json"))
   if "predictor" not in stages and "evaluate" not in stages:
     return
-  predictor = train_predictor(config, segmentors, train_cases, fold_dir, layouts["predictor"],
-                              dataset.preprocess)
+  with clock("predictor"):
+    predictor = train_predictor(config, segmentors, train_cases, fold_dir,
+                                layouts["predictor"], dataset.preprocess)
   if scorer and "appearance" not in (read_reference(fold_dir / "predictor") or {}):
     # predict's out-of-distribution checks; the appearances need the segmentors' masks
-    write_reference(fold_dir / "predictor", train_cases,
-                    reference_masks(config, segmentors, train_cases))
+    with clock("training reference"):
+      write_reference(fold_dir / "predictor", train_cases,
+                      reference_masks(config, segmentors, train_cases))
   if "evaluate" in stages and scorer:
     if (fold_dir / "records.json").exists() and config.stage == "all":
       console(f"[evaluate] records exist in {fold_dir}: not redone")
       records = read_records(fold_dir)
     else:
-      records = scans.evaluate(config, segmentors, predictor, config.fold, fold_dir,
-                               config.nifti)
+      with clock("evaluate"):
+        records = scans.evaluate(config, segmentors, predictor, config.fold, fold_dir,
+                                 config.nifti)
     console(f"fold {config.fold}: " + qi_summary(records))

@@ -82,6 +82,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if folders and not mask.is_dir():
     raise UserError(f"--image={image} is a folder and --mask={mask} a file: give two files "
                     f"or two folders")
+  shard = cohort.parse_shard(config.shard)
+  if shard is not None and not folders:
+    raise UserError(f"--shard={config.shard} splits a folder's pairs; --image={image} is a file")
   settings = Settings.from_config(config)
   labels = convention_from(config.labels)   # a bad --labels fails before any model work
   if config.model_file:
@@ -109,7 +112,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
             f"QI {result['qi']:.4f} (soft {result['soft_qi']:.4f}); "
             f"{kept}outputs in {output_dir}{partial}")
     return
-  shard = cohort.parse_shard(config.shard)
   pairs, problems = pair_folder(image, mask)
   found = len(pairs)
   if shard is not None:

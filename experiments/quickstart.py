@@ -12,7 +12,7 @@ import ml_collections
 
 from . import cv_fold, cv_fold_small
 from wh_errmap.report.build import build_report
-from wh_errmap.utils.progress import console
+from wh_errmap.utils.progress import StageClock, console
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -20,9 +20,11 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  start = time.perf_counter()
-  cv_fold.run(config, workdir)
-  report = build_report(workdir, num_folds=config.splits.num_folds,
-                        threshold=config.predictor.threshold,
-                        failure_dice=config.report.failure_dice)
-  console(f"done in {(time.perf_counter() - start) / 60:.1f} min; the report is {report}")
+  clock = StageClock()
+  cv_fold.run(config, workdir, clock)
+  with clock("report"):
+    report = build_report(workdir, num_folds=config.splits.num_folds,
+                          threshold=config.predictor.threshold,
+                          failure_dice=config.report.failure_dice)
+  console(clock.summary())
+  console(f"done in {(time.perf_counter() - clock.start) / 60:.1f} min; the report is {report}")

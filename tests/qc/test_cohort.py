@@ -40,6 +40,14 @@ def test_a_shard_outside_0_to_n_minus_1_is_refused_naming_the_flag(text):
     parse_shard(text)
 
 
+def test_a_shard_of_a_single_pair_is_refused(monkeypatch, cohort, tmp_path):
+  images, masks = cohort
+  with pytest.raises(UserError, match="--shard=0/2 splits a folder's pairs; --image=.* a file"):
+    run_known(monkeypatch, (images / "p0_image.nii.gz", masks / "p0_label.nii.gz"),
+              tmp_path / "out", shard="0/2")
+  assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("count", [1, 2, 3, 7, 12])
 def test_shards_take_every_pair_exactly_once_in_sizes_within_one(count):
   rng = np.random.default_rng(count)

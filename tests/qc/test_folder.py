@@ -102,6 +102,46 @@ def ramp_pair(tmp_path_factory):
   return paths
 
 
+class HalfWrong(Predictor):
+  """Error probability 0.9 where the preprocessed image is above 0 (half the ramp), else
+  0.1, whatever the mask: wrong voxels inside structures and in the background."""
+
+  def error_map(self, image, mask):
+    return np.where(image > 0, 0.9, 0.1).astype(np.float32)
+
+
+@pytest.mark.parametrize("orientation", ["as_generated", "reoriented"])
+def test_errors_by_structure_name_the_masks_own_structure_and_only_wrong_voxels(
+    run_dir, ramp_pair, tmp_path, orientation):
+  predictor = HalfWrong(None, None, load_run_config(run_dir), str(run_dir), 0, 1, 1)
+  result, _ = assess(ramp_pair[orientation, "image"], ramp_pair[orientation, "label"],
+                     predictor, tmp_path, figures=False)
+  def read(kind):
+    return np.asarray(nib.load(str(tmp_path / f"{result['pair']}_{kind}.nii.gz")).dataobj)
+  mask_image = nib.load(str(ramp_pair[orientation, "label"]))
+  mask = np.asarray(mask_image.dataobj)
+  error, by_structure = read("error"), read("errors_by_structure")
+  assert by_structure.shape == mask.shape
+  inside, outside = (error == 1) & (mask > 0), (error == 1) & (mask == 0)
+  assert inside.sum() > 1000 and outside.sum() > 1000
+  # Nonzero only on wrong voxels; on a wrong voxel of a structure, that structure's value.
+  assert not by_structure[error == 0].any()
+  np.testing.assert_array_equal(by_structure[inside], mask[inside])
+  # A wrong background voxel names a structure only within 2 voxels of the model's grid
+  # (+ half a voxel's diagonal of each grid for the resampling), and one of the mask's values.
+  voxel_mm = np.asarray(mask_image.header.get_zooms()[:3], float)
+  model_mm = float(max(predictor.config.preprocess.spacing))
+  distance, index = ndimage.distance_transform_edt(mask == 0, sampling=voxel_mm,
+                                                   return_indices=True)
+  named = outside & (by_structure > 0)
+  reach = 2 * model_mm + np.sqrt(3) / 2 * (model_mm + voxel_mm.max())
+  assert named.any() and distance[named].max() <= reach
+  assert not by_structure[outside & (distance > reach)].any()
+  assert np.isin(by_structure[named], np.unique(mask[mask > 0])).all()
+  near = outside & (distance <= model_mm)   # well inside the reach: a structure is named
+  assert near.any() and (by_structure[near] > 0).mean() > 0.95
+
+
 def test_error_map_is_on_the_input_grid_in_any_orientation(run_dir, ramp_pair, tmp_path):
   # With a linear image, linear resampling to the model's grid and back must give, voxel
   # by voxel of the input file, a * image + b + 0.5 * mask away from the crop's and the

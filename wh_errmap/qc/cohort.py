@@ -19,6 +19,7 @@ import collections
 import concurrent.futures
 import datetime
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -74,9 +75,12 @@ class PhaseTimes:
     self.seconds = dict.fromkeys(PHASES, 0.0)
     self.assessed = 0
     self.start = time.perf_counter()
+    self._lock = threading.Lock()   # the stages' threads add to it
 
-  def add(self, phase: str, seconds: float) -> None:
-    self.seconds[phase] += seconds
+  def add(self, phase: str, seconds: float, assessed: int = 0) -> None:
+    with self._lock:
+      self.seconds[phase] += seconds
+      self.assessed += assessed
 
   def to_json(self) -> dict[str, Any]:
     wall = time.perf_counter() - self.start
@@ -140,8 +144,7 @@ def assess_many(pairs: Sequence[Pair], predictor: Predictor, output_dir: Path,
   def write(pending: Pending, prob) -> dict:
     t = time.perf_counter()
     result = complete(pending, prob, predictor, output_dir, settings, figures)
-    timing.add("write", time.perf_counter() - t)
-    timing.assessed += 1
+    timing.add("write", time.perf_counter() - t, assessed=1)
     return result
 
   batch = max(1, int(batch))
