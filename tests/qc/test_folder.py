@@ -138,8 +138,10 @@ def test_errors_by_structure_name_the_masks_own_structure_and_only_wrong_voxels(
   assert named.any() and distance[named].max() <= reach
   assert not by_structure[outside & (distance > reach)].any()
   assert np.isin(by_structure[named], np.unique(mask[mask > 0])).all()
-  near = outside & (distance <= model_mm)   # well inside the reach: a structure is named
-  assert near.any() and (by_structure[near] > 0).mean() > 0.95
+  # Within 1.5 model voxels of a structure, one is named (measured: 99.97% of 3093 voxels;
+  # 87% at 3-4 mm, 43% at 4-5 mm, none beyond 6 mm).
+  near = outside & (distance <= 1.5 * model_mm)
+  assert near.sum() > 1000 and (by_structure[near] > 0).mean() > 0.95
 
 
 def test_error_map_is_on_the_input_grid_in_any_orientation(run_dir, ramp_pair, tmp_path):
