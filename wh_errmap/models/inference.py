@@ -79,6 +79,13 @@ def split_length(length: int, mesh: jax.sharding.Mesh | None) -> int:
   return max(SIZE_MULTIPLE * space, -(-length // step) * step)
 
 
+def bucket_shape(shape: Sequence[int], bucket: int) -> tuple[int, ...]:
+  """`shape` rounded up to a multiple of `bucket` per axis: crops of one bucket share a
+  compiled program (and can share a batch)."""
+  bucket = max(1, int(bucket))
+  return tuple(-(-int(n) // bucket) * bucket for n in shape)
+
+
 def _edge_pad(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
   """`volume` edge-padded at the far end of its leading axes to `shape` (as the model pads
   its own input: border voxels see replicated content)."""
@@ -176,8 +183,7 @@ def predict_error_maps(model: VoxResNet, variables: Any, images: Sequence[np.nda
   edge-padded to the batch's common bucket shape (as `predict_error_map`), the batch padded
   to a power of two by repeating its last case (one compiled program per bucket and size
   1, 2, 4, ...). Returns each case's (X, Y, Z) float32 map, cropped back."""
-  bucket = max(1, shape_bucket)
-  shape = [max(-(-m.shape[axis] // bucket) * bucket for m in masks) for axis in range(3)]
+  shape = bucket_shape([max(m.shape[axis] for m in masks) for axis in range(3)], shape_bucket)
   size = 1 << (len(masks) - 1).bit_length()
   stacked_images = [_edge_pad(i, shape) for i in images]
   stacked_masks = [_edge_pad(np.asarray(m, np.int32), shape) for m in masks]
@@ -199,8 +205,7 @@ def predict_error_map(model: VoxResNet, variables: Any, image: np.ndarray, mask:
   length that splits over the mesh (`split_length`).
   """
   shape = mask.shape
-  bucket = max(1, shape_bucket)
-  padded = [-(-n // bucket) * bucket for n in shape]
+  padded = list(bucket_shape(shape, shape_bucket))
   padded[0] = split_length(padded[0], mesh)
   image = _edge_pad(image, padded)
   mask = _edge_pad(np.asarray(mask, np.int32), padded)

@@ -168,7 +168,7 @@ def assess_many(pairs: Sequence[Pair], predictor: Predictor, output_dir: Path,
     bucket `shape`; it leaves the queue."""
     if not reads or not reads[0][1].done() or reads[0][1].exception() is not None:
       return None
-    previous, pending = reads[0][1].result()
+    _, pending = reads[0][1].result()
     if pending is None or predictor.bucket_shape(pending.prepared.mask.shape) != shape:
       return None
     return reads.popleft()[0], pending

@@ -29,7 +29,7 @@ from wh_errmap.data.structures import NUM_CLASSES
 from wh_errmap.data.training_reference import read_reference
 from wh_errmap.errors import UserError
 from wh_errmap.models.factory import predictor_model
-from wh_errmap.models.inference import predict_error_map, predict_error_maps
+from wh_errmap.models.inference import bucket_shape, predict_error_map, predict_error_maps
 from wh_errmap.models.voxresnet import VoxResNet
 from wh_errmap.qc.model_file import load_model, save_model
 from wh_errmap.train.checkpoints import restore_variables
@@ -62,8 +62,7 @@ class Predictor:
 
   def bucket_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
     """The shape a crop of `shape` is padded to: cases of one bucket can share a batch."""
-    bucket = max(1, self.shape_bucket)
-    return tuple(-(-int(n) // bucket) * bucket for n in shape)
+    return bucket_shape(shape, self.shape_bucket)
 
   def error_maps(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]
                  ) -> list[np.ndarray]:
