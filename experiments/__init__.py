@@ -1,4 +1,10 @@
-"""Experiments: one module each, with `get_config()` and `run(config, workdir)`."""
+"""Experiments: one module each, with `get_config()` and `run(config, workdir)`.
+
+A module may also declare `UNREAD = {KEY: INSTEAD}`: config keys (a field, or a group for
+everything under it) that its run() never reads, each with the field to set instead, or
+None. `override` refuses them, so `--set=predictor.threshold=0.3` for predict (which reads
+the top-level `threshold`) is an error rather than a setting that silently does nothing.
+"""
 from __future__ import annotations
 
 import ast
@@ -10,6 +16,7 @@ from typing import Iterable
 import ml_collections
 
 from wh_errmap.errors import UserError
+from wh_errmap.utils.config_docs import declared_unread
 
 
 def names() -> list[str]:
@@ -23,8 +30,14 @@ def load(name: str) -> ModuleType:
   return importlib.import_module(f"{__name__}.{name}")
 
 
-def override(config: ml_collections.ConfigDict, assignments: Iterable[str]) -> None:
-  """Applies `field.sub=value` strings; values are Python literals, or else strings."""
+def override(config: ml_collections.ConfigDict, assignments: Iterable[str],
+             experiment: ModuleType | None = None) -> list[str]:
+  """Applies `field.sub=value` strings; values are Python literals, or else strings.
+
+  Returns the keys set, in order. A key that `experiment` declares in its UNREAD (itself,
+  or a group above it) is refused with a UserError naming the field to set instead.
+  """
+  keys = []
   for assignment in assignments:
     key, sep, text = assignment.partition("=")
     if not sep:
@@ -45,3 +58,22 @@ def override(config: ml_collections.ConfigDict, assignments: Iterable[str]) -> N
       raise UserError(f"--set {assignment!r}: the config has no field {key!r}") from None
     except TypeError as e:
       raise UserError(f"--set {assignment!r}: {e}") from None
+    if experiment is not None:   # after the checks above: a misspelt key is named as such
+      _refuse_unread(experiment, key, text)
+    keys.append(key)
+  return keys
+
+
+def _refuse_unread(experiment: ModuleType, key: str, text: str) -> None:
+  unread = getattr(experiment, "UNREAD", {})
+  declared = declared_unread(unread, key)
+  if declared is None:
+    return
+  name = experiment.__name__.rpartition(".")[2]
+  instead = unread[declared]
+  if instead is not None:
+    raise UserError(f"--set {key}={text}: experiment {name} never reads {key}; set {instead} "
+                    f"instead (--set={instead}={text})")
+  under = "" if declared == key else f" (it reads nothing under {declared})"
+  raise UserError(f"--set {key}={text}: experiment {name} ignores {key}{under}, so the setting "
+                  f"would have no effect")

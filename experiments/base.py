@@ -7,6 +7,11 @@ import ml_collections
 
 from wh_errmap.train import perturbations
 
+# Groups read only where models are trained or built from the experiment's own config
+# (cv_fold and its kin, benchmark, qc_bench); the other experiments list them in their
+# UNREAD (experiments/__init__.py), so that setting one is refused.
+TRAINING_GROUPS = ("train", "optim", "loss", "input", "mesh", "model")
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()

@@ -28,6 +28,11 @@ from wh_errmap.utils.progress import console
 
 PRESETS = ("paper", "small")
 MIN_REFERENCE_S = 30.0   # the PyTorch reference is not started with less time left
+# Never read by run(): each step is timed for benchmark.warmup + benchmark.iters calls on
+# synthetic data; nothing is trained, logged or checkpointed.
+UNREAD = {"train.seg3d.steps": "benchmark.iters", "train.seg2d.steps": "benchmark.iters",
+          "train.predictor.steps": "benchmark.iters", "train.log_every": None,
+          "train.checkpoint_every": None, "train.keep_checkpoints": None, "data_dir": None}
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -39,6 +39,11 @@ from wh_errmap.report.beyond_paper import estimate_figure
 from wh_errmap.utils.atomic import write_json, write_text
 from wh_errmap.utils.progress import console
 
+# Never read by run(): the predictor brings its own model, preprocessing and training
+# settings, the error threshold is chosen from the cases, and no verdict is given.
+UNREAD = {**dict.fromkeys(base.TRAINING_GROUPS), "predictor": None, "preprocess": None,
+          "splits": None, "data_dir": None, "report.review_band": None}
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = base.get_config()

@@ -14,6 +14,11 @@ from . import base
 from wh_errmap.report.build import build_report
 from wh_errmap.utils.progress import console
 
+# Never read by run(): the report reads the folds' records, and of this config only
+# num_folds (= splits.num_folds), predictor.threshold and report.failure_dice.
+UNREAD = {**dict.fromkeys(base.TRAINING_GROUPS), "preprocess": None, "data_dir": None,
+          "fold": None}
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = base.get_config()

@@ -25,6 +25,12 @@ from wh_errmap.qc.predictor import Predictor, export_predictor, load_predictor
 from wh_errmap.train.stages import restore_segmentors
 from wh_errmap.utils.progress import console
 
+# Never read by run(): the model file takes the run's own recorded config (model,
+# preprocessing, data, training), whatever this one says.
+UNREAD = {**dict.fromkeys(base.TRAINING_GROUPS), "predictor": None, "preprocess": None,
+          "splits": None, "data_dir": None, "report": None}
+
+
 def get_config() -> ml_collections.ConfigDict:
   c = base.get_config()
   c.output = ""       # the model file; "" = WORKDIR/model-fold{k}.whqc

@@ -13,6 +13,11 @@ from . import base
 from wh_errmap.data.phantom import write_phantom
 from wh_errmap.errors import UserError
 
+# Never read by run(): it writes num_cases MR phantom cases into data_dir, nothing else, and
+# refuses a folder it did not write whatever --overwrite says.
+UNREAD = {**dict.fromkeys(base.TRAINING_GROUPS), "predictor": None, "preprocess": None,
+          "splits": None, "report": None, "modality": None, "fold": None, "overwrite": None}
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = base.get_config()

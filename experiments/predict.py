@@ -42,6 +42,12 @@ from wh_errmap.qc.verdict import VERDICTS, Settings
 from wh_errmap.utils.progress import console
 from wh_errmap.utils.workdir import check_writable
 
+# Never read by run(): the predictor brings its own model, preprocessing and training
+# settings (its run's or its model file's), and the verdicts use the top-level threshold.
+UNREAD = {**dict.fromkeys(base.TRAINING_GROUPS), "predictor": None,
+          "predictor.threshold": "threshold", "preprocess": None, "splits": None,
+          "data_dir": None}
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = base.get_config()

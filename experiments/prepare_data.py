@@ -9,6 +9,10 @@ from . import base
 from wh_errmap.data.dataset import Dataset, dataset_from_config
 from wh_errmap.data.structures import STRUCTURES
 
+# Never read by run(): it prepares the data and the split; nothing is trained or assessed.
+UNREAD = {**dict.fromkeys(base.TRAINING_GROUPS), "predictor": None, "report": None,
+          "overwrite": None}
+
 
 def get_config() -> ml_collections.ConfigDict:
   return base.get_config()

@@ -27,6 +27,13 @@ from wh_errmap.qc import bench
 from wh_errmap.utils.cache import default_cache_dir
 from wh_errmap.utils.progress import console
 
+# Never read by run(): each measurement runs predict on its own synthetic cohort with fixed
+# flags (wh_errmap/qc/bench.py), so predict's inputs, outputs and settings here are not
+# passed on; the predictor is --model or an untrained one, so nothing is trained.
+UNREAD = dict.fromkeys(("image", "mask", "labels", "output_dir", "shard", "figures",
+                        "allow_partial", "threshold", "qc", "fold", "overwrite", "train",
+                        "optim", "loss", "mesh", "predictor"))
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = predict.get_config()

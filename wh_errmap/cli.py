@@ -2,7 +2,11 @@
 
 From a checkout the same command is `python launch.py ...`. Each experiment is a module of
 the experiments package (get_config + run). Flags below override the config field of the
-same name; `--set` reaches any field, e.g. `--set=train.seg3d.batch_size=4`.
+same name; `--set` reaches any field, e.g. `--set=train.seg3d.batch_size=4`. `--show_config`
+prints the config so set, one field per line with its doc, and runs nothing
+(wh_errmap/utils/config_docs.py). A field the experiment declares it never reads is refused
+(UNREAD, experiments/__init__.py); one it happens not to read gets a warning when the run
+ends (wh_errmap/utils/config_reads.py).
 """
 import os
 import sys
@@ -18,11 +22,16 @@ except ModuleNotFoundError as e:
   import experiments  # a checkout: experiments/ sits beside wh_errmap/
 from wh_errmap.errors import UserError, storage_error_message
 from wh_errmap.utils.cache import enable_compilation_cache
+from wh_errmap.utils.config_docs import describe_config
+from wh_errmap.utils.config_reads import warn_unread
 
 _EXPERIMENT = flags.DEFINE_string(
     "experiment", "quickstart", f"One of: {', '.join(experiments.names())}.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where a run writes its outputs.")
 _SET = flags.DEFINE_multi_string("set", [], "Config override FIELD=VALUE (repeatable).")
+_SHOW_CONFIG = flags.DEFINE_boolean(
+    "show_config", False, "Print the experiment's config after --set and the field flags "
+    "(--fold, --image, ...), one field per line with its doc, and exit without running it.")
 _DISTRIBUTED = flags.DEFINE_boolean(
     "distributed", False, "Join the other processes of a multi-process run "
     "(jax.distributed; SLURM and Open MPI are detected, else give the three flags below).")
@@ -69,11 +78,17 @@ def _main(argv: list[str]) -> None:
   try:
     experiment = experiments.load(_EXPERIMENT.value)
     config = experiment.get_config()
-    experiments.override(config, [f"{name}={flag.value!r}" for name, flag in _FIELDS.items()
-                                  if flag.value is not None])
-    experiments.override(config, _SET.value)
-    enable_compilation_cache(config.get("cache_dir"))
-    experiment.run(config, _WORKDIR.value)
+    overridden = experiments.override(
+        config, [f"{name}={flag.value!r}" for name, flag in _FIELDS.items()
+                 if flag.value is not None], experiment)
+    overridden += experiments.override(config, _SET.value, experiment)
+    if _SHOW_CONFIG.value:
+      print(describe_config(config, experiment), flush=True)
+      return
+    # The compilation cache reads cache_dir on the run's behalf: it counts as read.
+    with warn_unread(config, overridden, _EXPERIMENT.value) as config:
+      enable_compilation_cache(config.get("cache_dir"))
+      experiment.run(config, _WORKDIR.value)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(getattr(e, "exit_code", 2))

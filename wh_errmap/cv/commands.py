@@ -9,11 +9,12 @@ from __future__ import annotations
 import ast
 import copy
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import ml_collections
 
 from wh_errmap.errors import UserError
+from wh_errmap.utils.config_docs import leaves
 
 CV_BLOCK = "cv"
 
@@ -35,19 +36,11 @@ def fold_config(config: ml_collections.ConfigDict, fold: int | None = None,
   return child
 
 
-def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      yield from _leaves(value, f"{prefix}{key}.")
-    else:
-      yield f"{prefix}{key}", value
-
-
 def config_assignments(config: ml_collections.ConfigDict) -> list[str]:
   """`FIELD=VALUE` for every leaf of `config`, VALUE as a Python literal (what
   `experiments.override` parses); a value that would not come back equal is refused."""
   assignments = []
-  for name, value in _leaves(config):
+  for name, value in leaves(config):
     text = repr(value)
     try:
       same = ast.literal_eval(text) == value
