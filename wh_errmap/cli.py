@@ -96,11 +96,24 @@ def _main(argv: list[str]) -> None:
     message = storage_error_message(e)
     if message is None:
       raise
-    print(f"error: {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()
-    # A save that failed leaves orbax's writer threads behind, and at interpreter exit they
-    # print tracebacks after this line: leave at once (every output is written atomically).
+    _last_line(f"error: {message}")
+    # Leave at once (every output is written atomically): at interpreter exit the writer
+    # threads of a failed orbax save would print more tracebacks.
     os._exit(2)
+
+
+def _last_line(line: str) -> None:
+  """Writes `line` to stderr as its last line, whatever other threads print.
+
+  The writer threads of a failed orbax save print tracebacks at any moment, also while this
+  line is written (seen under load: the line landed inside one). Standard error's file
+  descriptor is first pointed at /dev/null, so that nothing written after this reaches the
+  terminal, and the line starts on a line of its own in case a traceback was cut short."""
+  terminal = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  os.write(terminal, f"\n{line}\n".encode())
 
 
 def main() -> None:
