@@ -19,7 +19,7 @@ from tests.qc.test_assessment import phantom, run_dir  # noqa: F401  (fixtures)
 ROOT = Path(__file__).resolve().parents[1]
 # What `pip install .` reads; copied so that the build's build/ and *.egg-info stay out of
 # the checkout (and a stale build/ there cannot leak old files into the install).
-SOURCES = ("pyproject.toml", "README.md", "wh_errmap", "experiments")
+SOURCES = ("pyproject.toml", "README.md", "LICENSE", "wh_errmap", "experiments")
 
 
 class Installed:
@@ -48,7 +48,8 @@ def _can_build_wheels() -> bool:
   except importlib.metadata.PackageNotFoundError:
     return False
   version = tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
-  return version >= (70, 1) or importlib.util.find_spec("wheel") is not None
+  # pyproject.toml asks for >= 77 (SPDX licence strings).
+  return version >= (77, 0)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def installed(tmp_path_factory) -> Installed:
                             "import sysconfig; print(sysconfig.get_path('purelib'))"],
                            check=True, capture_output=True, text=True).stdout.strip()
   Path(purelib, "_outer_environment.pth").write_text("\n".join(paths) + "\n")
-  # A setuptools here that builds wheels by itself (>= 70.1, or with the wheel package) saves
+  # A setuptools here that builds this project by itself (>= 77) saves
   # a download; otherwise pip fetches one into an isolated build environment.
   isolation = ["--no-build-isolation"] if _can_build_wheels() else []
   result = subprocess.run(
