@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Downloads into .whl/ (git-ignored) the wheels that the lent GPU machines lack, for their
-# Python 3.12 on manylinux x86_64: ml_collections, nibabel and grain at the versions pinned in
-# requirements.txt, and those of their requirements that the machines' image does not hold
-# (array-record, portpicker; the rest - absl-py, PyYAML, numpy, packaging, etils, fsspec,
-# zipp, cloudpickle, protobuf, psutil, typing-extensions - is there). Run it here, with
-# network; benchmarks/gpu_check.sh installs them there (`carry: [".whl"]`).
+# Downloads into .whl/ (git-ignored) the wheels that a GPU machine without network needs
+# beside a JAX + torch image (Python 3.12, manylinux x86_64): ml_collections, nibabel and
+# grain at the versions pinned in requirements.txt, and those of their requirements that such
+# an image usually lacks (array-record, portpicker; absl-py, PyYAML, numpy, packaging, etils,
+# fsspec, zipp, cloudpickle, protobuf, psutil and typing-extensions are expected there).
+# Run it on a machine with network, then copy .whl/ with the checkout to the GPU machine,
+# where benchmarks/gpu_check.sh installs what is missing from it.
 #   bash benchmarks/fetch_wheels.sh [PYTHON]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,8 @@ pinned() {   # the version requirements.txt pins for package $1
   echo "${line#*==}"
 }
 
-# Versions that pip resolves with grain 0.2.18 on Python 3.11 here.
+# The versions pip resolves beside grain 0.2.18 (array-record and portpicker are not pinned
+# in requirements.txt).
 wheels=("ml_collections==$(pinned ml_collections)" "nibabel==$(pinned nibabel)"
         "grain==$(pinned grain)" "array-record==0.8.6" "portpicker==1.6.0")
 

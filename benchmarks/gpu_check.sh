@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared check of a GPU machine, under 8 minutes on an H100:
+# One prepared check of a GPU machine, sized to end within 8 minutes:
 #   a. the GPU-relevant tests (models, losses, masks, training, benchmark, torch reference),
 #   b. the benchmark at paper size beside the PyTorch reference, with
 #   c. the latency of quality control of one case (error map + QI of a mask),
@@ -9,8 +9,12 @@
 # and its targets. Each phase has a share of the time and is stopped (or skipped, with a
 # note) when its share is spent, so the script always ends with the summary.
 #
-#   bash benchmarks/gpu_check.sh             # on the GPU machine (device tool: carry .whl)
+#   bash benchmarks/gpu_check.sh             # on the GPU machine, with .whl/ beside it
 #   bash benchmarks/gpu_check.sh --dry-run   # the same phases on the CPU, tiny, ~1-2 min
+#
+# Needs: Linux x86_64 with one or more NVIDIA GPUs; Python 3.11 or 3.12 with jax (CUDA build),
+# flax, optax, orbax-checkpoint, absl-py and, for the PyTorch column, a CUDA build of torch.
+# No network is needed: what the machine lacks of requirements.txt comes from .whl/.
 #
 # Environment: OUT (results, default gpu_check_out; at most 6 files, flat), PYTHON (default
 # python3), GPU_CHECK_SCRATCH (workdirs and data cache, default a new folder in /tmp),
@@ -93,8 +97,8 @@ fi
 
 # --- Sizes and time shares ------------------------------------------------------------------
 # END_* are seconds after the start by which each phase must end; time a phase leaves
-# unused goes to the next. On an H100 the whole run stays under 8 minutes (455 s + the
-# 20 s grace of a stopped phase + the summary).
+# unused goes to the next. The shares add up to 455 s; with the 20 s grace of a stopped
+# phase and the summary, the whole run stays under 8 minutes on any machine.
 cv_steps="${CV_STEPS:-300}"
 if ((dry_run)); then
   mode=dry-run
