@@ -28,7 +28,7 @@ import numpy as np
 from . import base
 from wh_errmap.data.structures import STRUCTURES
 from wh_errmap.errors import UserError
-from wh_errmap.metrics.conformal import leave_one_out_recalibrated
+from wh_errmap.metrics.conformal import leave_one_out_recalibrated, min_cases_for_bound
 from wh_errmap.metrics.quality import aurc, correlations, failure_auroc
 from wh_errmap.qc.assessment import assess, convention_from
 from wh_errmap.qc.calibration import MEAN, METHODS, choose_threshold, fit_calibration
@@ -92,7 +92,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   # An earlier calibration is not applied while fitting a new one.
   predictor = dataclasses.replace(predictor, calibration=None)
 
-  triples, problems = _triples(folders)
+  triples, problems = _triples(folders, config.calibrate.alpha)
   if problems:
     raise UserError(f"{len(problems)} problem(s) pairing the calibration cases: "
                     + "; ".join(problems))
@@ -123,7 +123,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
           f"report {report_dir / 'calibration.md'}")
 
 
-def _triples(folders: dict[str, Path]) -> tuple[list[tuple[Path, Path, Path]], list[str]]:
+def _triples(folders: dict[str, Path], alpha: float
+             ) -> tuple[list[tuple[Path, Path, Path]], list[str]]:
   pairs, problems = pair_folder(folders["image"], folders["mask"])
   truths, truth_problems = pair_folder(folders["image"], folders["reference"])
   truth_of = dict(truths)
@@ -131,7 +132,8 @@ def _triples(folders: dict[str, Path]) -> tuple[list[tuple[Path, Path, Path]], l
   triples = [(image, mask, truth_of[image]) for image, mask in pairs if image in truth_of]
   if len(triples) < 3:
     problems.append(f"{len(triples)} labelled case(s) found; calibration needs at least 3 "
-                    f"(and 10 or more for a 90% bound that is not trivial)")
+                    f"(and {min_cases_for_bound(alpha)} for a finite {1 - alpha:.0%} lower "
+                    f"bound)")
   return triples, problems
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -281,3 +282,21 @@ def test_leave_one_out_value_does_not_depend_on_own_true_dice(method):
   keep = np.ones(12, bool)
   keep[[3, 5, i]] = False
   assert loo[i] == cf.fit_recalibration(pred[keep], true[keep], method)(pred[i:i + 1])[0]
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.05, 0.2, 0.3, 0.5, 0.7])
+def test_min_cases_for_bound_is_where_the_offset_becomes_finite(alpha):
+  """Expected n from exact rational arithmetic: the smallest n with
+  ceil((n + 1)(1 - alpha)) <= n; the offset is infinite one case below it, finite at it."""
+  a = Fraction(alpha).limit_denominator(1000)
+  expected = next(n for n in range(1, 1000) if math.ceil((n + 1) * (1 - a)) <= n)
+  assert cf.min_cases_for_bound(alpha) == expected
+  rng = np.random.default_rng(0)
+  for n, finite in ((expected - 1, False), (expected, True)):
+    pred = rng.uniform(0.5, 0.9, n)
+    q, _ = cf.conformal_offset(pred, pred - 0.05, alpha)
+    assert math.isfinite(q) == finite, (n, q)
+
+
+def test_min_cases_for_bound_of_the_default_alpha_is_9():
+  assert cf.min_cases_for_bound(0.1) == 9     # ceil(10 * 0.9) = 9 <= 9; ceil(9 * 0.9) = 9 > 8

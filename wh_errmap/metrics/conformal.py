@@ -169,6 +169,24 @@ def leave_one_out_recalibrated(pred: np.ndarray, true: np.ndarray,
 
 # ---------------------------------------------------------------- conformal bounds
 
+def _rank(n: int, alpha: float) -> int:
+  """k = ceil((n + 1)(1 - alpha)): the rank of the offset among n scores."""
+  # (n + 1)(1 - alpha) can round to just above an integer (n = 9, alpha = 0.7 gives
+  # 3.0000000000000004); the 1e-9 keeps k from moving up by one.
+  return math.ceil((n + 1) * (1 - alpha) - 1e-9)
+
+
+def min_cases_for_bound(alpha: float) -> int:
+  """The fewest valid cases whose conformal offset is finite at miscoverage `alpha` (the
+  smallest n with k <= n: 9 for alpha = 0.1, 19 for 0.05)."""
+  if not 0 < alpha < 1:
+    raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+  n = 1
+  while _rank(n, alpha) > n:
+    n += 1
+  return n
+
+
 def conformal_offset(pred: np.ndarray, true: np.ndarray, alpha: float,
                      recalibration: Recalibration | None = None) -> tuple[float, int]:
   """Split-conformal offset q of one structure from its calibration cases.
@@ -190,9 +208,7 @@ def conformal_offset(pred: np.ndarray, true: np.ndarray, alpha: float,
   p, t = _valid_pairs(pred, true)
   scores = _recalibrate(p, recalibration) - t
   n = scores.size
-  # (n + 1)(1 - alpha) can round to just above an integer (n = 9, alpha = 0.7 gives
-  # 3.0000000000000004); the 1e-9 keeps k from moving up by one.
-  k = math.ceil((n + 1) * (1 - alpha) - 1e-9)
+  k = _rank(n, alpha)
   if k > n:
     return math.inf, n
   return float(np.partition(scores, k - 1)[k - 1]), n
