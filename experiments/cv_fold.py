@@ -115,11 +115,14 @@ def _run_fold(config: ml_collections.ConfigDict, workdir: str, dataset: Dataset,
   with clock("predictor"):
     predictor = train_predictor(config, segmentors, train_cases, fold_dir,
                                 layouts["predictor"], dataset.preprocess)
-  if scorer and "appearance" not in (read_reference(fold_dir / "predictor") or {}):
-    # predict's out-of-distribution checks; the appearances need the segmentors' masks
+  # predict's out-of-distribution checks, written again for a fold made before the
+  # appearances or the modality were recorded; the appearances need the segmentors' masks
+  if scorer and not {"appearance", "modality"} <= set(read_reference(fold_dir / "predictor")
+                                                      or {}):
     with clock("training reference"):
       write_reference(fold_dir / "predictor", train_cases,
-                      reference_masks(config, segmentors, train_cases))
+                      reference_masks(config, segmentors, train_cases),
+                      modality=config.modality)
   if "evaluate" in stages and scorer:
     if (fold_dir / "records.json").exists() and config.stage == "all":
       console(f"[evaluate] records exist in {fold_dir}: not redone")

@@ -5,7 +5,8 @@
 The file holds the predictor's parameters and batch statistics, the run's model and
 preprocessing config, the label convention it was trained with (MMWHS structures), a
 description of its training data (source, training cases of the fold, the reference
-statistics of the out-of-distribution checks), the fold and a checksum. `predict
+statistics of the out-of-distribution checks, the training modality and the raw intensity
+profile of each training scan), the fold and a checksum. `predict
 --model=FILE` uses it without the run. An existing file is replaced only with
 --overwrite.
 """
@@ -44,7 +45,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     raise UserError(f"{output} exists: use --overwrite to replace it, or another "
                     f"--set=output=FILE")
   predictor = load_predictor(workdir, config.fold, config.allow_partial)
-  if "appearance" not in (predictor.reference or {}):   # a run made before it was recorded
+  # a run made before the appearances or the modality were recorded
+  if not {"appearance", "modality"} <= set(predictor.reference or {}):
     predictor = _with_reference(predictor, Path(workdir) / f"fold{config.fold}")
   path = export_predictor(predictor, output, predictor.training_record())
   console(f"predictor of fold {config.fold} (step {predictor.step} of "
@@ -58,7 +60,8 @@ def _with_reference(predictor: Predictor, fold_dir: Path) -> Predictor:
   try:
     train_cases, _ = dataset_from_config(predictor.config).fold(predictor.fold)
   except UserError as e:
-    lacks = "none" if predictor.reference is None else "no appearances"
+    lacks = ("none" if predictor.reference is None else " and ".join(
+        f"no {key}" for key in ("appearance", "modality") if key not in predictor.reference))
     console(f"warning: the run's training data cannot be read ({e}): the model file keeps the "
             f"run's training reference as it is ({lacks}), so predict skips the checks it "
             f"lacks")
@@ -70,4 +73,5 @@ def _with_reference(predictor: Predictor, fold_dir: Path) -> Predictor:
     console(f"warning: {e}: the model file's training reference has no appearances, so "
             f"predict skips that check")
     masks = None
-  return dataclasses.replace(predictor, reference=training_reference(train_cases, masks))
+  return dataclasses.replace(predictor, reference=training_reference(
+      train_cases, masks, modality=predictor.config.modality))

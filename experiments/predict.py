@@ -6,6 +6,9 @@
 
 --labels: the masks' label convention: mmwhs (the default: MMWHS codes only),
 totalsegmentator, an nnU-Net dataset.json, or an inline map such as 1:RV,2:Myo,3:LV.
+A scan that looks like another modality than the model's training scans (CT in Hounsfield
+units given to an MR model, or the reverse; by its raw intensities, or a CT-only label
+convention) is out_of_distribution; --allow_modality assesses it anyway, with a warning.
 Folders pair `X_image`/`X_0000`/`X` images with `X_label`/`X_mask`/`X` masks, or with
 TotalSegmentator's per-structure folders `X/heart_*.nii.gz`.
 
@@ -38,7 +41,7 @@ from wh_errmap.qc.folder import assess, settings_identity, write_folder_report, 
 from wh_errmap.qc.merge import write_manifest
 from wh_errmap.qc.pairing import pair_folder, pair_name
 from wh_errmap.qc.predictor import load_predictor, load_predictor_file
-from wh_errmap.qc.verdict import VERDICTS, Settings
+from wh_errmap.qc.verdict import VERDICTS, Settings, modality_notice
 from wh_errmap.utils.progress import console
 from wh_errmap.utils.workdir import check_writable
 
@@ -60,6 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.threshold = 0.5   # error probability above which a voxel counts as wrong
   c.figures = True    # a PNG per case, index.html and the label files
   c.allow_partial = False  # use a predictor whose training has not finished (announced)
+  # assess scans that look like another modality than the model's training scans as if they
+  # were not (announced once), instead of marking them out_of_distribution
+  c.allow_modality = False
   c.qc = ml_collections.ConfigDict()
   c.qc.min_real_fraction = 0.5   # out_of_distribution when the scan covers less of the box
   c.qc.volume_factor = 2.0       # ... a structure volume outside training's [min/f, max*f]
@@ -105,7 +111,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
              f" (PARTLY TRAINED predictor: step {predictor.step} of {predictor.total_steps})")
   if predictor.reference is None:
     console("warning: the predictor has no training reference (a run from before it was "
-            "recorded): structure volume and intensity checks are skipped")
+            "recorded): structure volume, intensity and modality checks are skipped")
+  notice = modality_notice(predictor.reference, settings.allow_modality)
+  if notice:
+    console(notice)
   if not folders:
     result, reused = assess(image, mask, predictor, output_dir, settings, labels,
                             config.overwrite, config.figures)

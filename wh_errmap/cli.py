@@ -54,6 +54,10 @@ _FIELDS = {
     "labels": flags.DEFINE_string(
         "labels", None, "predict: the masks' label convention: mmwhs, totalsegmentator, a "
         "dataset.json, or 1:RV,2:Myo,..."),
+    "allow_modality": flags.DEFINE_boolean(
+        "allow_modality", None, "predict: assess scans that look like another modality than "
+        "the model's training scans (e.g. CT given to an MR model), with a warning, instead "
+        "of marking them out_of_distribution."),
     "shard": flags.DEFINE_string(
         "shard", None, "predict: assess shard i of n of a folder's pairs (i/n, i = 0..n-1, "
         "e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)."),

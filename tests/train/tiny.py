@@ -140,5 +140,5 @@ def tiny_qc_run(run, scratch) -> ml_collections.ConfigDict:
       nib.save(nib.Nifti1Image(data, affine), str(path))
     cases.append(preprocess_case(load_case(*paths), PreprocessConfig.from_config(config)))
   masks = {case.case_id: [poorer(case.label, grow) for grow in (False, True)] for case in cases}
-  write_reference(run / "fold0" / "predictor", cases, masks)
+  write_reference(run / "fold0" / "predictor", cases, masks, modality=config.modality)
   return config

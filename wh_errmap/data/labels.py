@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wh_errmap.data.modality import channel_modality
 from wh_errmap.data.nifti_io import AFFINE_TOLERANCE, InvalidCaseError, read_volume_file
 from wh_errmap.data.structures import MMWHS_CODES, STRUCTURES
 from wh_errmap.errors import UserError
@@ -44,7 +45,7 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
 _MMWHS_NAMES = ("myocardium of the left ventricle", "left atrium blood cavity",
                 "left ventricle blood cavity", "right atrium blood cavity",
                 "right ventricle blood cavity", "ascending aorta", "pulmonary artery")
-# TotalSegmentator's task `heartchambers_highres`, values 1..7: `class_map` in
+# TotalSegmentator's task `heartchambers_highres` (a CT task), values 1..7: `class_map` in
 # totalsegmentator/map_to_binary.py of github.com/wasserth/TotalSegmentator (read at commit
 # 0e65a448d557, Aug 2026). Per-structure outputs (without --ml) are named `<name>.nii.gz`.
 TOTALSEGMENTATOR_NAMES = ("heart_myocardium", "heart_atrium_left", "heart_ventricle_left",
@@ -89,10 +90,13 @@ class EncodedMask:
 class LabelConvention:
   """name: where it comes from. values: user value -> internal class 1..7, for the
   structures it maps (one value per structure). names: user value -> the user's name for
-  it, mapped or not. Value 0 is background; values not in `values` are other classes."""
+  it, mapped or not. Value 0 is background; values not in `values` are other classes.
+  modality: "ct" or "mr" when the convention says what the masks' images are (a CT-only
+  tool, a dataset.json's channel names), else None."""
   name: str
   values: dict[int, int]
   names: dict[int, str]
+  modality: str | None = None
 
   def __post_init__(self):
     classes = list(self.values.values())
@@ -134,23 +138,25 @@ class LabelConvention:
     return table[np.asarray(classes, np.uint8)]
 
   def to_json(self) -> dict:
-    """{"name", "values": {"<user value>": "<structure>"}, "names": {"<user value>": name}}."""
-    return {"name": self.name,
-            "values": {str(v): STRUCTURES[c - 1] for v, c in sorted(self.values.items())},
-            "names": {str(v): n for v, n in sorted(self.names.items())}}
+    """{"name", "values": {"<user value>": "<structure>"}, "names": {"<user value>": name}},
+    and "modality" when the convention has one."""
+    stored = {"name": self.name,
+              "values": {str(v): STRUCTURES[c - 1] for v, c in sorted(self.values.items())},
+              "names": {str(v): n for v, n in sorted(self.names.items())}}
+    return stored if self.modality is None else {**stored, "modality": self.modality}
 
   @classmethod
   def from_json(cls, d: dict) -> LabelConvention:
     """The inverse of `to_json`."""
     return cls(d["name"], {int(v): STRUCTURES.index(s) + 1 for v, s in d["values"].items()},
-               {int(v): n for v, n in d["names"].items()})
+               {int(v): n for v, n in d["names"].items()}, d.get("modality"))
 
 
 MMWHS = LabelConvention("mmwhs", {v: c for c, v in enumerate(MMWHS_CODES, 1)},
                         dict(zip(MMWHS_CODES, _MMWHS_NAMES)))
 TOTALSEGMENTATOR = LabelConvention(
     "totalsegmentator", {v: structure_of(n) for v, n in enumerate(TOTALSEGMENTATOR_NAMES, 1)},
-    dict(enumerate(TOTALSEGMENTATOR_NAMES, 1)))
+    dict(enumerate(TOTALSEGMENTATOR_NAMES, 1)), "ct")
 
 
 def _voxels(count: int) -> str:
@@ -219,8 +225,8 @@ def detect(path: str | os.PathLike, raw: np.ndarray) -> LabelConvention:
                                f"--labels: {_CHOICES}")
 
 
-def _convention(name: str, pairs: list[tuple[int, str]], where: str, known_only: bool
-                ) -> LabelConvention:
+def _convention(name: str, pairs: list[tuple[int, str]], where: str, known_only: bool,
+                modality: str | None = None) -> LabelConvention:
   """A convention from (user value, user name) pairs; names matching no structure are other
   classes, or an error when `known_only`."""
   values, names, claimed = {}, {}, {}
@@ -240,11 +246,12 @@ def _convention(name: str, pairs: list[tuple[int, str]], where: str, known_only:
   if not values:
     raise UserError(f"{where}: no label names a heart structure; accepted names: "
                     f"{accepted_names()}")
-  return LabelConvention(name, values, names)
+  return LabelConvention(name, values, names, modality)
 
 
 def _dataset_json(path: Path) -> LabelConvention:
-  """nnU-Net's dataset.json: v2 `"labels": {"RV": 1}` or v1 `"labels": {"1": "RV"}`."""
+  """nnU-Net's dataset.json: v2 `"labels": {"RV": 1}` or v1 `"labels": {"1": "RV"}`; the
+  images' modality from v2 `"channel_names"` or v1 `"modality"` (e.g. {"0": "CT"})."""
   try:
     text = path.read_text()
   except OSError as e:
@@ -267,8 +274,10 @@ def _dataset_json(path: Path) -> LabelConvention:
                       "labels are not supported, give the masks as one value per structure")
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
       raise UserError(f"{path}: label {label!r} has value {value!r}, not an integer >= 0")
+  channels = data.get("channel_names", data.get("modality"))
+  modality = channel_modality(channels.values()) if isinstance(channels, dict) else None
   return _convention(f"dataset.json ({path})", [p for p in pairs if p[0] != 0], str(path),
-                     known_only=False)
+                     known_only=False, modality=modality)
 
 
 def parse_labels(spec: str) -> LabelConvention:

@@ -3,7 +3,8 @@
 RAS+ volume -> resample to isotropic spacing (linear for images; labels through their
 class indicators, see `_resample`) -> clip intensities at robust percentiles and scale to
 [-1, 1] -> crop the heart region. Everything needed to map a result back to the file's
-own grid is kept in `properties`, and `restore_to_original` does that mapping.
+own grid is kept in `properties`, and `restore_to_original` does that mapping; so is the
+raw intensity profile (`data.modality`), which the scaling to [-1, 1] erases from the image.
 
 Crop policy: a box of `crop_size` voxels (120 x 120 x 90 at 2 mm, as in the paper) centred
 on the bounding box of the label (or of the mask being assessed at predict time), grown
@@ -23,9 +24,14 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
+from wh_errmap.data.modality import intensity_profile
 from wh_errmap.data.nifti_io import (Case, InvalidCaseError, case_id_from_path, from_canonical,
                                      load_case)
 from wh_errmap.utils.atomic import atomic_path
+
+# Bump when what a cached case holds changes, so that older entries are made again rather
+# than read without it (2: properties["intensity_profile"]).
+CACHE_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +58,7 @@ class PreprocessedCase:
   """image: (X, Y, Z) float32 in [-1, 1]; label: (X, Y, Z) uint8 classes 0..7 or None.
 
   properties: JSON-serialisable geometry (original and RAS+ headers, resampled shape,
-  crop box) used by `restore_to_original`.
+  crop box) used by `restore_to_original`, the raw intensity clip and profile.
   """
   case_id: str
   image: np.ndarray
@@ -134,6 +140,7 @@ def preprocess_case(case: Case, config: PreprocessConfig = PreprocessConfig(),
   """
   out_shape, scale, offset = _resample_geometry(case.image.shape, case.spacing, config.spacing)
   image = _resample(case.image, scale, offset, out_shape, label=False)
+  profile = intensity_profile(image)
   lo, hi = np.percentile(image, config.clip_percentiles)
   if not hi > lo:
     raise InvalidCaseError(case.image_path, "image intensities are constant")
@@ -166,6 +173,7 @@ def preprocess_case(case: Case, config: PreprocessConfig = PreprocessConfig(),
       "crop_stop": stop.tolist(),
       "spacing": list(config.spacing),
       "intensity_clip": [float(lo), float(hi)],
+      "intensity_profile": profile,   # of the whole resampled scan, raw units
       "affine": (np.asarray(case.affine) @ to_input).tolist(),
   }
   return PreprocessedCase(case.case_id, image, label, properties)
@@ -214,8 +222,9 @@ def restore_to_original(volume: np.ndarray, properties: dict[str, Any],
 # ---------------------------------------------------------------- cache
 
 def cache_key(paths: Sequence[str | os.PathLike | None], config: PreprocessConfig) -> str:
-  """Changes when an input file (path, size, mtime) or the preprocessing config changes."""
-  parts = [json.dumps(config.to_json(), sort_keys=True)]
+  """Changes when an input file (path, size, mtime), the preprocessing config or
+  CACHE_VERSION changes."""
+  parts = [f"v{CACHE_VERSION}", json.dumps(config.to_json(), sort_keys=True)]
   for path in paths:
     if path is None:
       parts.append("-")

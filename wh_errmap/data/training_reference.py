@@ -2,8 +2,10 @@
 
 Written beside a fold's predictor (`WORKDIR/fold{k}/predictor/training_reference.json`) and
 carried in an exported model file: the range of each structure's volume, the distribution
-of preprocessed intensities, and the appearance of the image inside each structure of the
-training cases' masks. `qc.verdict.ood_reasons` compares a new case with it.
+of preprocessed intensities, the appearance of the image inside each structure of the
+training cases' masks, and the training modality with each training scan's raw intensity
+profile (`data.modality`). `qc.verdict.ood_reasons` and `modality_reasons` compare a new
+case with it.
 
 Appearance: a mask of the heart on a scan of the heart covers blood pools, myocardium and
 their surroundings, each with its own brightness; on a brain, a knee, another patient's
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from wh_errmap.data.modality import MODALITIES
 from wh_errmap.data.preprocess import PreprocessedCase, valid_region
 from wh_errmap.data.structures import NUM_CLASSES, STRUCTURES
 from wh_errmap.errors import UserError
@@ -114,10 +117,12 @@ def appearance_distance(image: np.ndarray, mask: np.ndarray, valid: np.ndarray,
 
 
 def training_reference(cases: Sequence[PreprocessedCase],
-                       masks: Mapping[str, Sequence[np.ndarray]] | None = None
-                       ) -> dict[str, Any]:
+                       masks: Mapping[str, Sequence[np.ndarray]] | None = None, *,
+                       modality: str) -> dict[str, Any]:
   """What out-of-distribution checks compare a new case with, from the training cases:
 
+    modality: the training scans' modality, "mr" or "ct" (the run's config.modality);
+    intensity_profiles: each case's raw intensity profile (`data.modality`), in case order;
     volume_ml: {structure: [min, max]} of the labels' structure volumes;
     intensity_histogram: the pooled histogram of preprocessed intensities in the crops;
     intensity_distance_max: the largest distance of a training case's histogram from it;
@@ -128,6 +133,8 @@ def training_reference(cases: Sequence[PreprocessedCase],
   """
   if not cases:
     raise ValueError("training_reference needs at least one case")
+  if modality not in MODALITIES:
+    raise ValueError(f"modality {modality!r} is not one of {MODALITIES}")
   volumes, histograms, fractions = {s: [] for s in STRUCTURES}, [], []
   looks, owners = [], []
   for case in cases:
@@ -144,6 +151,8 @@ def training_reference(cases: Sequence[PreprocessedCase],
   pooled = np.mean(histograms, axis=0)
   reference = {
       "cases": len(cases), "case_ids": [case.case_id for case in cases],
+      "modality": modality,
+      "intensity_profiles": [case.properties["intensity_profile"] for case in cases],
       "volume_ml": {s: [min(v), max(v)] for s, v in volumes.items()},
       "intensity_histogram": pooled.tolist(),
       "intensity_distance_max": max(histogram_distance(h, pooled) for h in histograms),
@@ -155,11 +164,12 @@ def training_reference(cases: Sequence[PreprocessedCase],
 
 
 def write_reference(predictor_dir: str | Path, cases: Sequence[PreprocessedCase],
-                    masks: Mapping[str, Sequence[np.ndarray]] | None = None) -> Path:
-  """Writes the training reference of a fold's predictor beside its checkpoints (masks: see
-  `training_reference`)."""
+                    masks: Mapping[str, Sequence[np.ndarray]] | None = None, *,
+                    modality: str) -> Path:
+  """Writes the training reference of a fold's predictor beside its checkpoints (masks,
+  modality: see `training_reference`)."""
   path = Path(predictor_dir) / REFERENCE_FILE
-  write_json(path, training_reference(cases, masks))
+  write_json(path, training_reference(cases, masks, modality=modality))
   return path
 
 

@@ -13,7 +13,9 @@ Nothing is written unless asked (`Assessment.write`). The steps:
 3. Every score is computed over the scan's real extent only: where the crop box reaches
    past the scan, the padding is not assessed.
 4. The verdict (`qc.verdict`): ok, review, fail or out_of_distribution, by the first rule
-   that applies.
+   that applies. A scan that looks like another modality than the predictor's training
+   scans (by its raw intensities, or its masks' label convention) is out_of_distribution
+   unless `Settings.allow_modality`; scores["modality"] records that check either way.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from scipy import ndimage
 
 from wh_errmap.data.labels import (EncodedMask, LabelConvention, detect, dropped_warning,
                                    is_structure_folder, parse_labels, read_structure_folder)
+from wh_errmap.data.modality import looks_like
 from wh_errmap.data.nifti_io import (case_id_from_path, make_case, read_image_object,
                                      read_volume_file, save_nifti)
 from wh_errmap.data.preprocess import (PreprocessConfig, preprocess_case, restore_to_original,
@@ -37,7 +40,7 @@ from wh_errmap.data.structures import NUM_CLASSES, STRUCTURES
 from wh_errmap.metrics.quality import predicted_dice_terms
 from wh_errmap.qc.calibration import MEAN, Calibration
 from wh_errmap.qc.predictor import Predictor, load_predictor_file
-from wh_errmap.qc.verdict import Settings, ood_reasons, verdict
+from wh_errmap.qc.verdict import Settings, modality_reasons, ood_reasons, verdict
 from wh_errmap.utils.atomic import removed_on_failure
 from wh_errmap.utils.progress import console
 
@@ -270,7 +273,14 @@ def assessment_scores(image: np.ndarray, mask: np.ndarray, prob: np.ndarray, val
     scores["mean_dice_lower_bound"] = calibration.lower_bound(MEAN, mean)
     scores["calibration"] = {"cases": calibration.cases, "method": calibration.method,
                              "alpha": calibration.bounds.alpha, "source": calibration.source}
-  ood = ood_reasons(image, mask, valid, properties, predictor.reference, settings)
+  profile = properties["intensity_profile"]
+  findings = modality_reasons(profile, convention, predictor.reference)
+  scores["modality"] = {"model": (predictor.reference or {}).get("modality"),
+                        "image": looks_like(profile), "header": convention.modality,
+                        "profile": profile, "findings": findings,
+                        "allowed": settings.allow_modality}
+  ood = ([] if settings.allow_modality else findings) + ood_reasons(
+      image, mask, valid, properties, predictor.reference, settings)
   scores["verdict"], scores["reasons"] = verdict(scores, ood, settings)
   scores["training_reference"] = predictor.reference is not None
   return scores

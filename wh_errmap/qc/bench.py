@@ -68,7 +68,8 @@ def untrained_model_file(path: Path, config: ml_collections.ConfigDict,
                          train=False)
   preprocess = PreprocessConfig.from_config(config)
   preprocessed = [preprocess_case(load_case(image, label), preprocess) for image, label in cases]
-  reference = training_reference(preprocessed, {c.case_id: [] for c in preprocessed})
+  reference = training_reference(preprocessed, {c.case_id: [] for c in preprocessed},
+                                 modality=config.modality)
   predictor = Predictor(model, variables, config, str(path), 0, 0, 0, reference=reference)
   return export_predictor(predictor, path, {"data_source": "untrained (throughput only)",
                                             "fold": 0, "training_cases": None})

@@ -2,9 +2,10 @@
 
 Besides its weights, a predictor carries what quality control needs to judge a new case:
 the run's preprocessing and model config, and a description of its training data
-(`training_reference`): the range of each structure's volume and the distribution of
-preprocessed intensities over the training cases. `qc.assess` flags a case outside them
-as out of distribution instead of trusting the error map.
+(`training_reference`): the range of each structure's volume, the distribution of
+preprocessed intensities and the appearances over the training cases, and their modality
+and raw intensity profiles. `qc.assess` flags a case outside them as out of distribution
+instead of trusting the error map.
 
 Shapes: the predictor runs on the crop of each case, whose size depends on the heart's
 extent. Each crop is padded (edge values, as the model itself pads to a multiple of 8) to

@@ -2,8 +2,9 @@
 
 The verdict is the first rule that applies:
 - `fail`: the mask is empty;
-- `out_of_distribution`: the case is unlike the predictor's training data (see
-  `ood_reasons`), so its scores are not trusted;
+- `out_of_distribution`: the scan looks like another modality than the predictor's
+  training scans (`modality_reasons`; `allow_modality` overrides it), or the case is unlike
+  the predictor's training data (`ood_reasons`), so its scores are not trusted;
 - `fail`: the mask misses a structure of its convention;
 - `fail`: mean predicted Dice below `failure_dice`;
 - `review`: mean predicted Dice below `failure_dice + review_band`, or one structure's
@@ -22,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from wh_errmap.data.labels import LabelConvention
+from wh_errmap.data.modality import evidence, looks_like
 from wh_errmap.data.structures import NUM_CLASSES, STRUCTURES
 from wh_errmap.data.training_reference import (appearance_distance, histogram_distance,
                                                 intensity_histogram)
@@ -39,13 +42,62 @@ class Settings:
   volume_factor: float = 2.0      # structure volume outside [min / f, max * f] of training
   intensity_margin: float = 0.25  # histogram distance above training's largest + this
   appearance_factor: float = 1.2  # appearance distance above training's limit times this
+  allow_modality: bool = False    # a scan of another modality is assessed, not OOD
 
   @classmethod
   def from_config(cls, config) -> "Settings":
     return cls(float(config.threshold), float(config.report.failure_dice),
                float(config.report.review_band), float(config.qc.min_real_fraction),
                float(config.qc.volume_factor), float(config.qc.intensity_margin),
-               float(config.qc.appearance_factor))
+               float(config.qc.appearance_factor), bool(config.allow_modality))
+
+
+_SEEN_AS = {"ct": "CT in Hounsfield units", "mr": "MR, not CT in Hounsfield units"}
+
+
+def modality_reasons(profile: dict[str, float], convention: LabelConvention,
+                     reference: dict | None) -> list[str]:
+  """Why a scan looks like another modality than the predictor's training scans (empty: it
+  does not, or the reference records no modality, as before it was recorded):
+    - its raw intensity `profile` (`data.modality.intensity_profile`) looks like the other
+      modality (`looks_like`), as none of the training scans' profiles did;
+    - its masks' label `convention` is made for the other modality's images (TotalSegmentator's
+      CT task, a dataset.json's channel names), and the intensities do not say that the scan
+      is of the training modality after all (they, not the masks' origin, are the scan's).
+  """
+  model = (reference or {}).get("modality")
+  if model is None:
+    return []
+  looks = looks_like(profile)
+  trained = {looks_like(p) for p in reference["intensity_profiles"]}
+  reasons = []
+  if looks not in (None, model, *trained):
+    reasons.append(f"the image looks like {_SEEN_AS[looks]} ({evidence(profile)}) while the "
+                   f"model was trained on {model.upper()}")
+  if convention.modality not in (None, model) and looks != model:
+    reasons.append(f"the masks' label convention {convention.name} is made for "
+                   f"{convention.modality.upper()} images while the model was trained on "
+                   f"{model.upper()}")
+  return reasons
+
+
+def modality_notice(reference: dict | None, allow: bool) -> str | None:
+  """The line a predict run states once about the modality check: that the predictor's
+  reference predates it, or what `allow_modality` overrides; None when the check runs as
+  usual (or there is no reference at all, which predict states itself)."""
+  if reference is None:
+    return None
+  model = reference.get("modality")
+  if model is None:
+    return ("warning: the predictor records no training modality (made before it was "
+            "recorded): scans are not checked for another modality; export the model again, "
+            "or run its fold again, to record it")
+  if allow:
+    return (f"warning: --allow_modality: scans that look like another modality than the "
+            f"model's training scans ({model.upper()}), by their intensities or their masks' "
+            f"label convention, are assessed as {model.upper()} instead of out_of_distribution "
+            f"(each result's modality.findings names what was overridden)")
+  return None
 
 
 def ood_reasons(image: np.ndarray, mask: np.ndarray, valid: np.ndarray, properties: dict,
