@@ -1,6 +1,6 @@
 """The base config every experiment starts from: the paper's settings where it states them
-(marked "paper"); the others are this project's choices, listed in the README section
-"Differences from the paper"."""
+(marked "paper"); the network sizes are VoxResNet's own ([1]: Chen et al., NeuroImage 2018,
+which the paper cites); the others are this project's choices, listed in docs/fidelity.md."""
 from __future__ import annotations
 
 import ml_collections
@@ -24,17 +24,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.overwrite = False      # a workdir recorded with other settings: move it aside, start afresh
 
   c.preprocess = ml_collections.ConfigDict()
-  c.preprocess.spacing = (2.0, 2.0, 2.0)            # mm, isotropic as in the paper
+  c.preprocess.spacing = (2.0, 2.0, 2.0)            # mm, isotropic (paper: 2 mm)
   c.preprocess.clip_percentiles = (0.5, 99.5)       # robust intensity range -> [-1, 1]
   c.preprocess.margin_mm = 16.0             # least margin around the heart's bounding box
-  c.preprocess.crop_size = (120, 120, 90)   # least crop, centred on the heart (paper)
+  c.preprocess.crop_size = (120, 120, 90)   # least crop around the heart (paper: 120 x 120 x 90)
 
   c.splits = ml_collections.ConfigDict()
   c.splits.num_folds = 5   # 5-fold cross-validation as in the paper
 
   c.input = ml_collections.ConfigDict(type_safe=False)   # on_device: bool or "auto"
-  c.input.crop_3d = (96, 96, 80)     # 3D training crops (paper)
-  c.input.crop_2d = (96, 96)         # 2D training slices
+  c.input.crop_3d = (96, 96, 80)     # 3D training crops (paper: 96 x 96 x 80)
+  c.input.crop_2d = (96, 96)         # 2D training slices (paper: 96 x 96)
   c.input.crop_predictor = (96, 96, 80)  # the predictor's training crops
   c.input.scale_range = (0.9, 1.1)   # random isotropic scaling
   c.input.num_workers = 0            # grain worker processes; 0 = in the main process
@@ -52,9 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.space = 1
 
   c.model = ml_collections.ConfigDict()   # VoxResNet, shared by segmentors and predictor
-  c.model.width1 = 32          # channels of conv1a/conv1b (paper)
-  c.model.width2 = 64          # channels of the three downsampling stages (paper)
-  c.model.num_voxres = 2       # VoxRes modules per stage (paper)
+  c.model.width1 = 32          # channels of conv1a/conv1b (VoxResNet [1]: 32)
+  c.model.width2 = 64          # channels of the downsampling stages (VoxResNet [1]: 64)
+  c.model.num_voxres = 2       # VoxRes modules per stage (VoxResNet [1]: 2)
   c.model.norm = "batch"       # "batch", "group" or "instance"
   # Side outputs: "deconv" = VoxResNet's deconvolution (kernel = stride), computed as a
   # matmul + pixel shuffle with the classifier folded in (as fast as "linear" on CPU);
@@ -88,7 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.predictor = ml_collections.ConfigDict()
   # Share of the predictor's training samples that use the GT mask itself. 0 = Eq. 3 of the
   # paper (the loss averages over the automatic masks only); 0.1 also teaches it what a
-  # correct mask looks like (an option, see README "Differences from the paper").
+  # correct mask looks like (an option, see docs/fidelity.md).
   c.predictor.gt_probability = 0.0
   # Where the predictor's training masks come from, as relative weights per sample:
   # "segmentors" = the frozen segmentors' 10 outputs (the paper's), "perturbed" = the
@@ -109,15 +109,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.report.review_band = 0.10      # predict: verdict "review" below failure_dice + this
 
   c.train = ml_collections.ConfigDict()
-  # Per model: steps; batch_size = the global batch (all devices); per_device_batch_size > 0
-  # instead makes the global batch per_device_batch_size x devices (plain data parallelism,
-  # learning rate scaled by optim.lr_scaling).
-  c.train.seg3d = ml_collections.ConfigDict(                       # 3D crops
-      {"steps": 20000, "batch_size": 2, "per_device_batch_size": 0})
-  c.train.seg2d = ml_collections.ConfigDict(                       # 2D slices
-      {"steps": 20000, "batch_size": 16, "per_device_batch_size": 0})
-  c.train.predictor = ml_collections.ConfigDict(                   # 3D crops
-      {"steps": 20000, "batch_size": 2, "per_device_batch_size": 0})
+  # Per model: training steps; the global batch over all devices; per_device_batch_size > 0
+  # makes the global batch that many per device instead, with the learning rate scaled by
+  # optim.lr_scaling (0 = off).
+  c.train.seg3d = ml_collections.ConfigDict({
+      "steps": 20000,                 # training steps of the 3D segmentor
+      "batch_size": 2,                # global batch (3D crops, all devices)
+      "per_device_batch_size": 0})    # > 0: this many crops per device instead
+  c.train.seg2d = ml_collections.ConfigDict({
+      "steps": 20000,                 # training steps of the 2D segmentor
+      "batch_size": 16,               # global batch (2D slices, all devices)
+      "per_device_batch_size": 0})    # > 0: this many slices per device instead
+  c.train.predictor = ml_collections.ConfigDict({
+      "steps": 20000,                 # training steps of the error-map predictor
+      "batch_size": 2,                # global batch (3D crops, all devices)
+      "per_device_batch_size": 0})    # > 0: this many crops per device instead
   c.train.log_every = 50           # console + metrics.jsonl every N steps
   c.train.checkpoint_every = 1000  # orbax checkpoint every N steps (and at the end)
   c.train.keep_checkpoints = 3     # newest checkpoints kept per model

@@ -1,9 +1,11 @@
 """cv_fold at a size that trains on a 2-core CPU in minutes (the quick start's settings).
 
-Differences from the paper's configuration: 3 mm voxels (an 80 x 80 x 60 heart box instead
-of 120 x 120 x 90 at 2 mm), widths 8/16 with one VoxRes module per stage, 64 x 64 x 48
-segmentor crops and 48 x 48 x 40 predictor crops, 500 / 2000 / 1200 steps, linear side-output
-upsampling, and NIfTI outputs for the final and GT masks only.
+Differences from the full-size configuration (base.apply_small_sizes and below): 3 mm voxels
+(a heart box of at least 80 x 80 x 60 voxels, the same extent as 120 x 120 x 90 at 2 mm),
+widths 8/16 with one VoxRes module per stage, 64 x 64 x 48 crops for the 3D segmentor, 96 x 96
+slices for the 2D segmentor and 48 x 48 x 40 crops for the predictor, batches 2 / 8 / 2,
+500 / 2000 / 1200 steps at a peak learning rate of 3e-3, linear side-output upsampling, and
+NIfTI outputs for the final and GT masks only.
 """
 from __future__ import annotations
 

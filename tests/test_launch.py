@@ -111,7 +111,7 @@ def test_make_phantom_then_prepare_data(tmp_path):
      "per_device_batch_size"),
 ])
 def test_a_batch_that_cannot_be_laid_out_is_one_line_and_status_2(tmp_path, settings, named):
-  """On 8 devices the paper's batch of 2 needs mesh.space: refused before any data work or
+  """On 8 devices the default batch of 2 needs mesh.space: refused before any data work or
   recorded settings, naming the setting to change."""
   env = cpu_env(8, WH_ERRMAP_CACHE=str(tmp_path / "cache"))
   result = subprocess.run([sys.executable, "launch.py", "--experiment=cv_fold",

@@ -1,5 +1,5 @@
 """The verdict rules, table-driven: every rule and each side of each threshold, with and
-without a calibration. Expected verdicts come from the rules as the README states them, not
+without a calibration. Expected verdicts come from the rules as docs/qc.md states them, not
 from the code: with failure_dice 0.75 and review_band 0.10,
   empty mask -> fail; out of distribution -> out_of_distribution; missing structure -> fail;
   mean < 0.75 -> fail; mean < 0.85, or a structure < 0.75, or (calibrated) the bound on the

@@ -9,9 +9,9 @@ Run from the repository root as a script (see tests/train/test_multiprocess.py):
               (XLA_FLAGS=--xla_force_host_platform_device_count=8)
 
 Both train the tiny 3D segmentor for NUM_STEPS SGD steps with the real `loop.train` at the
-paper's batch, GLOBAL_BATCH = 2 rows, on an 8-device 2 x 4 (data x space) mesh: each row (a
-process's volume) split along X over that process's 4 devices, as the README's SLURM example
-lays out a batch of 2 on 2 hosts. The two workers form one
+default batch, GLOBAL_BATCH = 2 rows, on an 8-device 2 x 4 (data x space) mesh: each row (a
+process's volume) split along X over that process's 4 devices, as the SLURM example of
+docs/operations.md lays out a batch of 2 on 2 hosts. The two workers form one
 jax.distributed job over gloo CPU collectives; each reads its own shard of `tiny_cases()`
 (the pipeline's default shard_index / shard_count: process index / count) and contributes
 half of each global batch. The reference runs in one process and builds each global batch

@@ -1,5 +1,5 @@
 """Run as a script with 8 simulated CPU devices, `training` or `inference`: trains the same
-tiny segmentor, and the same tiny predictor (with its on-the-fly masks), at the paper's batch
+tiny segmentor, and the same tiny predictor (with its on-the-fly masks), at the default batch
 of 2 on one device, on a 2 x 4 (data x space) mesh and on a 1 x 8 mesh; or runs whole-volume
 inference and a fold's evaluation on one device and split over 4 and 8 (scans of any shape).
 Prints the largest differences against one device as JSON."""
@@ -21,7 +21,7 @@ from wh_errmap.models.inference import (inference_mesh, predict_error_map,
                                         segment_volume_with_uncertainty)
 from wh_errmap.utils.mesh import make_mesh
 
-BATCH = 2                    # the paper's batch (3D segmentor, predictor)
+BATCH = 2                    # the default batch (3D segmentor, predictor)
 MESHES = ((1, 1), (2, 4), (1, 8))   # (data, space)
 # X long enough to split over 8 devices (sharding.MIN_SPLIT_VOXELS); the rest tiny.
 CROP, CASE_SHAPE = (64, 16, 12), (72, 18, 14)

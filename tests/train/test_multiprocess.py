@@ -86,7 +86,7 @@ def _iterator_states(checkpoints: Path, step: int) -> dict:
 
 
 def test_two_processes_train_like_one(tmp_path):
-  """At the paper's batch of 2 on a 2 x 4 mesh (each process's volume split over its 4
+  """At the default batch of 2 on a 2 x 4 mesh (each process's volume split over its 4
   devices): losses, parameters and batch statistics of a 2-process run match one process on
   the same global batches; the checkpoint keeps each process's input position; a second run on
   the finished workdir only restores."""

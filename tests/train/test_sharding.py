@@ -27,7 +27,7 @@ def _run_on_8_devices(code: str) -> None:
 @pytest.mark.parametrize("batch, space, devices, processes, expected", [
     (2, 1, 1, 1, (1, 1)),      # one device
     (2, 1, 2, 1, (2, 1)),      # plain data parallelism
-    (2, "auto", 8, 1, (2, 4)),  # the paper's batch on 8 devices
+    (2, "auto", 8, 1, (2, 4)),  # the default batch of 2 on 8 devices
     (2, 4, 8, 1, (2, 4)),
     (2, 8, 8, 1, (1, 8)),
     (16, "auto", 8, 1, (8, 1)),  # the 2D batch needs no split
@@ -44,7 +44,7 @@ def test_plan_layout(batch, space, devices, processes, expected):
 
 
 @pytest.mark.parametrize("batch, space, devices, processes, named", [
-    (2, 1, 8, 1, "mesh.space=4"),          # the README's 8-GPU example before this layout
+    (2, 1, 8, 1, "mesh.space=4"),          # the 8-GPU example of docs/operations.md before this layout
     (2, 3, 8, 1, "mesh.space=3 does not divide"),
     (3, 1, 2, 2, "does not split over 2 processes"),
     (2, 8, 8, 2, "mesh.space=4"),          # one row for two processes

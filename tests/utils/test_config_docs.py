@@ -105,7 +105,7 @@ def _source_comment_words(path, assignment: str) -> set[str]:
 
 
 @pytest.mark.parametrize("name, key, path, assignment", [
-    ("cv_fold", "train.seg3d.steps", "experiments/base.py", "c.train.seg3d ="),
+    ("cv_fold", "train.seg3d.steps", "experiments/base.py", "\"steps\": 20000,"),
     ("predict", "qc.batch", "experiments/predict.py", "c.qc.batch ="),
     ("predict", "threshold", "experiments/predict.py", "c.threshold ="),
 ])

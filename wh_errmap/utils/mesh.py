@@ -3,7 +3,7 @@ arrays are laid out on it.
 
 The batch is split over 'data'; each volume is split along its first spatial axis (X) over
 'space', and XLA partitions the convolutions of that axis itself (halo exchange between
-neighbouring devices). So the paper's batch of 2 volumes still uses 8 devices (a 2 x 4
+neighbouring devices). So a batch of 2 volumes (the default) still uses 8 devices (a 2 x 4
 mesh), and a volume too large for one device's memory is spread over several.
 
 Why jit + NamedSharding rather than shard_map or pmap: the installed JAX builds pmap on jit
