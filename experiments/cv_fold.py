@@ -90,7 +90,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, clock: StageClock | Non
 
 def _run_fold(config: ml_collections.ConfigDict, workdir: str, dataset: Dataset,
               stages: tuple[str, ...], layouts: dict[str, Layout], clock: StageClock) -> None:
-  with clock("data"):
+  with clock("test scans"):
     train_cases, test_cases = dataset.fold(config.fold)
     # Test cases are scored as whole scans, split over the local devices when mesh.space
     # asks for it: no crop around their ground truth.

@@ -72,11 +72,12 @@ def test_quickstart_end_to_end_then_again_from_the_compilation_cache(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert "generating the synthetic phantom" in result.stdout
   # Each stage's time, and the breakdown as the second-to-last line (the last: the report).
-  for stage in ("data", "seg3d", "seg2d", "segmentor scores", "predictor", "evaluate",
-                "report"):
+  for stage in ("data", "test scans", "seg3d", "seg2d", "segmentor scores", "predictor",
+                "evaluate", "report"):
     assert re.search(rf"^\[time\] {stage}: [0-9.]+ (s|min)$", result.stdout, re.M), stage
   breakdown = result.stdout.strip().splitlines()[-2]
-  assert re.fullmatch(r"time by stage: data .*, seg3d .*, seg2d .*, segmentor scores .*, "
+  assert re.fullmatch(r"time by stage: data .*, test scans .*, seg3d .*, seg2d .*, "
+                      r"segmentor scores .*, "
                       r"predictor .*, training reference .*, evaluate .*, report [0-9.]+ "
                       r"(s|min) \(\d+%\).*; total [0-9.]+ (s|min)", breakdown), breakdown
   fold = workdir / "fold0"
