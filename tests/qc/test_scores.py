@@ -36,8 +36,10 @@ def test_padding_counts_nowhere(padded_case):
   image, mask, prob, valid = padded_case
   convention = parse_labels("1:LV")
   encoded = convention.encode("m", np.where(mask == 3, 1, 0))
+  # as preprocess records them; the raw intensity profile is that of an MR-like scan
   properties = {"spacing": [2.0, 2.0, 2.0], "canonical_shape": [8, 10, 10],
-                "canonical_spacing": [2.0, 2.0, 2.0]}
+                "canonical_spacing": [2.0, 2.0, 2.0],
+                "intensity_profile": {"p0.5": 0.0, "p99.5": 1.0, "air_share": 0.0}}
   predictor = types.SimpleNamespace(reference=None)
   scores = assessment_scores(image, mask, prob, valid, properties, predictor, convention,
                              encoded, Settings())
