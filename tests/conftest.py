@@ -37,31 +37,6 @@ if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 
 
-# The files that take longest on 2 idle cores (from `--durations` of .ci/run, longest first).
-# With `-n 2 --dist loadfile` each file runs whole on one worker, and xdist hands the files
-# out in collection order once its own reordering (by number of tests) is off: the longest
-# start first and the two workers end together. With xdist's order the quick start's test
-# (a few tests, 3 minutes) came last and ran alone.
-LONGEST_FILES = (
-    "tests/train/test_training.py", "tests/test_quickstart.py", "tests/qc/test_cohort.py",
-    "tests/benchmarks/test_gpu_check.py", "tests/train/test_faults.py",
-    "tests/qc/test_calibration.py", "tests/cv/test_cv.py", "tests/qc/test_assessment.py",
-    "tests/train/test_multiprocess.py", "tests/train/test_masks.py",
-    "tests/throughput/test_throughput.py", "tests/cv/test_protocol.py")
-
-
-def pytest_configure(config: pytest.Config) -> None:
-  if hasattr(config.option, "loadscopereorder"):   # pytest-xdist's --no-loadscope-reorder
-    config.option.loadscopereorder = False
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-  """The LONGEST_FILES first, in that order; every other file after them as collected."""
-  del config
-  rank = {path: i for i, path in enumerate(LONGEST_FILES)}
-  items.sort(key=lambda item: rank.get(item.nodeid.partition("::")[0], len(rank)))
-
-
 def cpu_env(devices: int | None = None, **extra: str) -> dict[str, str]:
   """The session's environment for a subprocess on the CPU, with `devices` simulated CPU
   devices added to its XLA_FLAGS (the fast compile kept) and `extra` variables set."""

@@ -93,11 +93,3 @@ def test_the_throughput_benchmark_imports_without_nibabel_grain_or_scipy():
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
-
-
-def test_the_files_scheduled_first_exist():
-  """conftest.LONGEST_FILES orders the suite for the two workers; a file renamed or moved
-  would silently fall back to xdist's order."""
-  from tests.conftest import LONGEST_FILES
-  missing = [path for path in LONGEST_FILES if not (ROOT / path).is_file()]
-  assert not missing, missing
