@@ -2,8 +2,8 @@
 
 What a user copies from the documentation must run: every experiment named exists (and every
 experiment is listed), every flag shown is defined, every `--set` key in a command is a field
-of that command's experiment, every relative link points at a file, and the layout names
-every module.
+of that command's experiment that it does not refuse as unread, every relative link points at
+a file, and the layout names every module.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from absl import flags
 
 import experiments
 from wh_errmap import cli
+from wh_errmap.utils.config_docs import declared_unread
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -79,10 +80,13 @@ def test_every_set_key_in_a_command_is_a_field_of_its_experiment():
       experiment = names[0] if names else "quickstart"
       if experiment.isupper():   # --experiment=NAME: a placeholder
         continue
-      config = experiments.load(experiment).get_config()
+      module = experiments.load(experiment)
+      config = module.get_config()
       for key in SET_KEY.findall(command):
         assert _has_field(config, key), (
             f"{path.name}: `--set {key}=...` is no field of {experiment}: {command.strip()}")
+        assert declared_unread(getattr(module, "UNREAD", {}), key) is None, (
+            f"{path.name}: {experiment} refuses `--set {key}=...`: {command.strip()}")
         checked += 1
   assert checked >= 10, f"only {checked} --set keys found in the docs' commands"
 
