@@ -22,7 +22,8 @@ from . import base
 from wh_errmap.cv.evaluate import TestScans, read_records, reference_masks
 from wh_errmap.cv.run import open_run
 from wh_errmap.data.dataset import Dataset, data_source
-from wh_errmap.data.training_reference import read_reference, write_reference
+from wh_errmap.data.training_reference import (missing_parts, read_reference,
+                                                write_reference)
 from wh_errmap.errors import UserError
 from wh_errmap.metrics.quality import correlations
 from wh_errmap.models.factory import SEGMENTORS
@@ -117,8 +118,7 @@ def _run_fold(config: ml_collections.ConfigDict, workdir: str, dataset: Dataset,
                                 layouts["predictor"], dataset.preprocess)
   # predict's out-of-distribution checks, written again for a fold made before the
   # appearances or the modality were recorded; the appearances need the segmentors' masks
-  if scorer and not {"appearance", "modality"} <= set(read_reference(fold_dir / "predictor")
-                                                      or {}):
+  if scorer and missing_parts(read_reference(fold_dir / "predictor")):
     with clock("training reference"):
       write_reference(fold_dir / "predictor", train_cases,
                       reference_masks(config, segmentors, train_cases),

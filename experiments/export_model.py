@@ -20,7 +20,7 @@ import ml_collections
 from . import base
 from wh_errmap.cv.evaluate import reference_masks
 from wh_errmap.data.dataset import dataset_from_config
-from wh_errmap.data.training_reference import training_reference
+from wh_errmap.data.training_reference import missing_parts, training_reference
 from wh_errmap.errors import UserError
 from wh_errmap.qc.predictor import Predictor, export_predictor, load_predictor
 from wh_errmap.train.stages import restore_segmentors
@@ -46,7 +46,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                     f"--set=output=FILE")
   predictor = load_predictor(workdir, config.fold, config.allow_partial)
   # a run made before the appearances or the modality were recorded
-  if not {"appearance", "modality"} <= set(predictor.reference or {}):
+  if missing_parts(predictor.reference):
     predictor = _with_reference(predictor, Path(workdir) / f"fold{config.fold}")
   path = export_predictor(predictor, output, predictor.training_record())
   console(f"predictor of fold {config.fold} (step {predictor.step} of "
@@ -61,7 +61,7 @@ def _with_reference(predictor: Predictor, fold_dir: Path) -> Predictor:
     train_cases, _ = dataset_from_config(predictor.config).fold(predictor.fold)
   except UserError as e:
     lacks = ("none" if predictor.reference is None else " and ".join(
-        f"no {key}" for key in ("appearance", "modality") if key not in predictor.reference))
+        f"no {part}" for part in missing_parts(predictor.reference)))
     console(f"warning: the run's training data cannot be read ({e}): the model file keeps the "
             f"run's training reference as it is ({lacks}), so predict skips the checks it "
             f"lacks")

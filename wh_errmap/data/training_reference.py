@@ -173,6 +173,16 @@ def write_reference(predictor_dir: str | Path, cases: Sequence[PreprocessedCase]
   return path
 
 
+# Parts recorded after the first references were written: a reference without one is
+# written again (cv_fold) or rebuilt for a model file (export_model).
+LATER_PARTS = ("appearance", "modality")
+
+
+def missing_parts(reference: Mapping[str, Any] | None) -> list[str]:
+  """The LATER_PARTS that `reference` lacks (all of them when there is none)."""
+  return [part for part in LATER_PARTS if part not in (reference or {})]
+
+
 def read_reference(predictor_dir: str | Path) -> dict | None:
   """The fold's training reference, None when the run has none (made before it existed)."""
   path = Path(predictor_dir) / REFERENCE_FILE
