@@ -178,6 +178,45 @@ def test_segmentation_scores_match_numpy(shape):
                   numpy_segmentation_scores(mask, label, num_classes), rtol=1e-6)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_valid_voxels_score_like_the_selected_voxels_alone(shape):
+  # Each metric with `valid` against the NumPy references (and 1 - mean) on each sample's
+  # valid voxels taken out with numpy: per-sample valid sets of different sizes, one with
+  # every voxel valid. Dropping `valid` anywhere inside a metric changes these numbers (the
+  # invalid voxels hold errors and other classes).
+  num_classes = 5
+  for seed in SEEDS:
+    rng = np.random.default_rng(seed + 10)
+    pred, true = random_error_maps(shape, seed)
+    label = rng.integers(0, num_classes, shape)
+    mask = np.where(rng.random(shape) < 0.4, rng.integers(0, num_classes, shape), label)
+    prob = rng.random(shape).astype(np.float32)
+    valid = rng.random(shape) < rng.uniform(0.3, 0.9, (shape[0], *[1] * (len(shape) - 1)))
+    valid[0] = True
+    valid.reshape(shape[0], -1)[:, 0] = True   # no sample without a valid voxel
+
+    def per_sample(fn, *arrays):
+      rows = [fn(*(a[i][valid[i]][None] for a in arrays)) for i in range(shape[0])]
+      if isinstance(rows[0], dict):
+        return {k: [r[k][0] for r in rows] for k in rows[0]}
+      return [r[0] for r in rows]
+
+    assert_scores(metrics.error_map_scores(pred, true, valid),
+                  per_sample(numpy_error_scores, pred, true), rtol=1e-6)
+    assert_scores(metrics.segmentation_scores(mask, label, num_classes, valid),
+                  per_sample(lambda m, l: numpy_segmentation_scores(m, l, num_classes),
+                             mask, label), rtol=1e-6)
+    counts = metrics.confusion_counts(pred, true, valid)
+    np.testing.assert_array_equal(
+        counts["tp"] + counts["fp"] + counts["fn"] + counts["tn"],
+        valid.reshape(shape[0], -1).sum(1))
+    np.testing.assert_allclose(metrics.quality_indicator(prob, 0.5, valid),
+                               per_sample(lambda p: [1 - np.mean(p > 0.5)], prob), rtol=1e-6)
+    np.testing.assert_allclose(metrics.soft_quality_indicator(prob, valid),
+                               per_sample(lambda p: [1 - np.mean(p, dtype=np.float64)], prob),
+                               rtol=1e-6)
+
+
 # ---------------------------------------------------------------- jit
 
 def test_jit_matches_eager():

@@ -147,13 +147,14 @@ def score_masks(masks: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray]
   types = list(masks)
   mask = np.stack([masks[t] for t in types]).astype(np.int32)
   labels = np.broadcast_to(label.astype(np.int32), mask.shape)
-  inside = (slice(None), np.ones(label.shape, bool) if valid is None else valid)
-  seg = segmentation_scores(mask[inside], labels[inside], NUM_CLASSES)
-  own = _error_map_qc(mask, labels, np.stack([probs[t] for t in types]), threshold, inside)
+  valid = np.ones(label.shape, bool) if valid is None else np.asarray(valid, bool)
+  padded_mask, padded_labels, inside = _bucketed(mask, labels, valid)
+  seg = segmentation_scores(padded_mask, padded_labels, NUM_CLASSES, inside)
+  own = _error_map_qc(mask, labels, np.stack([probs[t] for t in types]), threshold, valid)
   baseline = baseline or {}
   with_base = [i for i, t in enumerate(types) if t in baseline]
   base = (_error_map_qc(mask[with_base], labels[with_base],
-                        np.stack([baseline[types[i]] for i in with_base]), threshold, inside)
+                        np.stack([baseline[types[i]] for i in with_base]), threshold, valid)
           if with_base else {})
   scores = {}
   for i, t in enumerate(types):
@@ -170,22 +171,33 @@ def score_masks(masks: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray]
   return scores
 
 
+def _bucketed(*arrays: np.ndarray) -> list[np.ndarray]:
+  """(M, X, Y, Z) arrays and last an (X, Y, Z) valid map -> the arrays zero-padded to a
+  multiple of SHAPE_BUCKET along X, Y, Z and the valid map broadcast to (M, ...) and padded
+  with False: the metrics score the same voxels, compiled once per bucket of crop sizes."""
+  *volumes, valid = arrays
+  valid = np.broadcast_to(valid, volumes[0].shape)
+  widths = [(0, 0)] + [(0, -n % SHAPE_BUCKET) for n in valid.shape[1:]]
+  return [np.pad(a, widths) for a in (*volumes, valid)]
+
+
 def _error_map_qc(mask: np.ndarray, labels: np.ndarray, prob: np.ndarray,
-                  threshold: float, inside: tuple) -> dict[str, np.ndarray]:
+                  threshold: float, valid: np.ndarray) -> dict[str, np.ndarray]:
   """Scores of error maps (M, X, Y, Z) of masks (M, X, Y, Z) against their labels, over the
-  voxels `inside` selects: err_* (M,), qi, soft_qi (M,), pd (M, 7) predicted Dice per
-  structure and pd_mean (M,), the mean over the structures with an estimate (NaN if none
-  has one)."""
-  prob = np.where(inside[1], prob, 0.0)   # no predicted error outside the scored voxels
-  err = error_map_scores(binary_error_map(prob[inside], threshold),
-                         mask[inside] != labels[inside])
+  voxels `valid` (X, Y, Z) marks: err_* (M,), qi, soft_qi (M,), pd (M, 7) predicted Dice
+  per structure and pd_mean (M,), the mean over the structures with an estimate (NaN if
+  none has one)."""
+  prob = np.where(valid, prob, 0.0)   # no predicted error outside the scored voxels
+  pred_error, true_error, padded_prob, inside = _bucketed(
+      binary_error_map(prob, threshold), mask != labels, prob, valid)
+  err = error_map_scores(pred_error, true_error, inside)
   pd = np.stack([predicted_dice(m, p, NUM_CLASSES) for m, p in zip(mask, prob)])
   has_estimate = np.isfinite(pd).any(axis=1)
   pd_mean = np.full(len(pd), np.nan)
   pd_mean[has_estimate] = np.nanmean(pd[has_estimate], axis=1)
   return {**{f"err_{k}": np.asarray(err[k]) for k in ("dsc", "acc", "prec", "recl")},
-          "qi": np.asarray(quality_indicator(prob[inside], threshold)),
-          "soft_qi": np.asarray(soft_quality_indicator(prob[inside])), "pd": pd,
+          "qi": np.asarray(quality_indicator(padded_prob, threshold, inside)),
+          "soft_qi": np.asarray(soft_quality_indicator(padded_prob, inside)), "pd": pd,
           "pd_mean": pd_mean}
 
 
