@@ -146,11 +146,23 @@ def segment_volume_with_uncertainty(model: VoxResNet, variables: Any, image: np.
   mask is wrong: the uncertainty baseline the learned error map is compared with.
   mesh: split the volume along X over this mesh (see inference_mesh); None: one device.
   """
-  x = image.shape[0]
-  padded = _edge_pad(np.asarray(image), (split_length(x, mesh),))
+  padded = _edge_pad(np.asarray(image), inference_shape(image.shape[:3], mesh))
   outputs = _labels_and_uncertainty(model, *place(mesh, variables, jnp.asarray(padded)))
-  return {name: (np.asarray(labels)[:x], np.asarray(uncertainty)[:x])
+  real = tuple(slice(0, n) for n in image.shape[:3])
+  return {name: (np.asarray(labels)[real], np.asarray(uncertainty)[real])
           for name, (labels, uncertainty) in outputs.items()}
+
+
+def inference_shape(shape: Sequence[int], mesh: jax.sharding.Mesh | None) -> tuple[int, ...]:
+  """The (X, Y, Z) a whole volume is edge-padded to for the segmentors: each axis to a
+  multiple of SIZE_MULTIPLE, X also to a length that splits over `mesh` (`split_length`).
+
+  The 3D model edge-pads its input to that multiple itself, so padding first computes the
+  same thing, and scans whose shapes differ by less than the multiple share one compiled
+  program (padded Z slices are slices of their own to the 2D model, cropped away).
+  """
+  x, *rest = bucket_shape(shape, SIZE_MULTIPLE)
+  return (split_length(x, mesh), *rest)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_classes"))
