@@ -111,19 +111,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   # Per model: training steps; the global batch over all devices; per_device_batch_size > 0
   # makes the global batch that many per device instead, with the learning rate scaled by
-  # optim.lr_scaling (0 = off).
+  # optim.lr_scaling (0 = off); learning_rate > 0 is this model's own peak rate.
   c.train.seg3d = ml_collections.ConfigDict({
       "steps": 20000,                 # training steps of the 3D segmentor
       "batch_size": 2,                # global batch (3D crops, all devices)
-      "per_device_batch_size": 0})    # > 0: this many crops per device instead
+      "per_device_batch_size": 0,     # > 0: this many crops per device instead
+      "learning_rate": 0.0})          # peak rate of this model; 0 = optim.learning_rate
   c.train.seg2d = ml_collections.ConfigDict({
       "steps": 20000,                 # training steps of the 2D segmentor
       "batch_size": 16,               # global batch (2D slices, all devices)
-      "per_device_batch_size": 0})    # > 0: this many slices per device instead
+      "per_device_batch_size": 0,     # > 0: this many slices per device instead
+      "learning_rate": 0.0})          # peak rate of this model; 0 = optim.learning_rate
   c.train.predictor = ml_collections.ConfigDict({
       "steps": 20000,                 # training steps of the error-map predictor
       "batch_size": 2,                # global batch (3D crops, all devices)
-      "per_device_batch_size": 0})    # > 0: this many crops per device instead
+      "per_device_batch_size": 0,     # > 0: this many crops per device instead
+      "learning_rate": 0.0})          # peak rate of this model; 0 = optim.learning_rate
   c.train.log_every = 50           # console + metrics.jsonl every N steps
   c.train.checkpoint_every = 1000  # orbax checkpoint every N steps (and at the end)
   c.train.keep_checkpoints = 3     # newest checkpoints kept per model

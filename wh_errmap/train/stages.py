@@ -82,7 +82,8 @@ def train_segmentor(config: ml_collections.ConfigDict, name: str,
   crop = tuple(config.input.crop_3d if spatial_dims == 3 else config.input.crop_2d)
   schedule = config.train[name]
   mesh = layout.mesh()
-  tx = make_optimizer(config.optim, schedule.steps, layout.lr_factor)
+  tx = make_optimizer(config.optim, schedule.steps, layout.lr_factor,
+                      schedule.get("learning_rate", 0.0))
   rng = jax.random.key(config.seed)
   state = create_state(model, tx, (layout.batch, *crop, 1),
                        jax.random.fold_in(rng, spatial_dims), mesh)
@@ -123,7 +124,8 @@ def train_predictor(config: ml_collections.ConfigDict, segmentors: Mapping[str, 
   crop = tuple(config.input.crop_predictor)
   schedule = config.train.predictor
   mesh = layout.mesh()
-  tx = make_optimizer(config.optim, schedule.steps, layout.lr_factor)
+  tx = make_optimizer(config.optim, schedule.steps, layout.lr_factor,
+                      schedule.get("learning_rate", 0.0))
   rng = jax.random.fold_in(jax.random.key(config.seed), 1000)
   state = create_state(model, tx, (layout.batch, *crop, 1 + NUM_CLASSES), rng, mesh)
   sources = predictor_mask_sources(config)

@@ -28,15 +28,20 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int,
-                   lr_factor: float = 1.0) -> optax.GradientTransformation:
+                   lr_factor: float = 1.0, learning_rate: float = 0.0,
+                   ) -> optax.GradientTransformation:
   """Adam (or plain SGD) with linear warm-up, then cosine decay or a constant rate.
 
-  lr_factor multiplies optim.learning_rate (per-device batch sizing, see
+  learning_rate: this model's peak rate (train.<model>.learning_rate); 0 means
+  optim.learning_rate. lr_factor multiplies it (per-device batch sizing, see
   sharding.model_layout).
   """
+  if learning_rate < 0:
+    raise ValueError(f"a learning rate must be > 0 (or 0 for optim.learning_rate), got "
+                     f"{learning_rate}")
   # optax needs at least one warm-up step and one decay step, also for 1-step runs.
   warmup = max(1, min(optim.warmup_steps, num_steps - 1))
-  peak = optim.learning_rate * lr_factor
+  peak = (learning_rate or optim.learning_rate) * lr_factor
   if optim.schedule == "cosine":
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, peak, warmup, max(num_steps, warmup + 1), end_value=peak * optim.final_lr_fraction)
