@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from wh_errmap.metrics import conformal as cf
+from wh_errmap.metrics import coverage
 
 
 def json_round_trip(d: dict) -> dict:
@@ -121,7 +122,7 @@ def three_folds() -> list[tuple[np.ndarray, np.ndarray]]:
 
 def test_cross_fold_fits_each_offset_on_the_other_folds_only():
   folds = three_folds()
-  out = cf.cross_fold_coverage(folds, alpha=0.1)
+  out = coverage.cross_fold_coverage(folds, alpha=0.1)
   # n_cal = 18, k = ceil(19 * 0.9) = 18: the largest score of the two other folds. With
   # its own fold (n = 27, k = 26) fold 2 would get 0.27 instead of 0.18.
   largest = [float(np.max(p - t)) for p, t in folds]
@@ -140,14 +141,14 @@ def test_cross_fold_fits_each_offset_on_the_other_folds_only():
 def test_cross_fold_table_is_strict_json_with_trivial_bounds_and_nan():
   folds = [(np.array([0.8, 0.7, np.nan]), np.array([0.75, 0.72, 0.5])),
            (np.array([0.9, 0.6]), np.array([0.85, np.nan]))]
-  table = cf.cross_fold_table({"LV": folds, "RV": three_folds()}, alpha=0.1)
+  table = coverage.cross_fold_table({"LV": folds, "RV": three_folds()}, alpha=0.1)
   assert json_round_trip(table) == table
   lv = table["LV"]
   # One calibration case per fold: q = +inf, written as None; the bound is 0.
   assert [f["q"] for f in lv["folds"]] == [None, None]
   assert lv["n"] == 3 and lv["coverage"] == 1.0
   assert lv["mean_width"] == pytest.approx((0.8 + 0.7 + 0.9) / 3)
-  assert table["RV"] == cf.cross_fold_coverage(three_folds(), 0.1)
+  assert table["RV"] == coverage.cross_fold_coverage(three_folds(), 0.1)
 
 
 def test_cross_fitting_fits_g_and_q_on_disjoint_other_folds():
@@ -159,8 +160,8 @@ def test_cross_fitting_fits_g_and_q_on_disjoint_other_folds():
   for _ in range(5):
     true = rng.uniform(0.3, 0.95, 60)
     folds.append((np.clip(true - 0.15 + rng.normal(0, 0.03, 60), 0, 1), true))
-  raw = cf.cross_fold_coverage(folds, 0.1)
-  fitted = cf.cross_fitted_coverage(folds, 0.1)
+  raw = coverage.cross_fold_coverage(folds, 0.1)
+  fitted = coverage.cross_fitted_coverage(folds, 0.1)
   assert fitted["coverage"] >= 0.85 and raw["coverage"] >= 0.85
   assert all(row["q"] < -0.05 for row in raw["folds"])
   assert all(0 < row["q"] < 0.1 for row in fitted["folds"])
@@ -171,15 +172,15 @@ def test_cross_fitting_fits_g_and_q_on_disjoint_other_folds():
   assert fitted["folds"][0]["q"] == q
   # ... so its own true values change nothing but its coverage.
   changed = [(folds[0][0], np.clip(folds[0][1] - 0.3, 0, 1)), *folds[1:]]
-  again = cf.cross_fitted_coverage(changed, 0.1)["folds"][0]
+  again = coverage.cross_fitted_coverage(changed, 0.1)["folds"][0]
   assert again["q"] == q and again["coverage"] < fitted["folds"][0]["coverage"]
   with pytest.raises(ValueError, match="3 folds"):
-    cf.cross_fitted_coverage(folds[:2], 0.1)
+    coverage.cross_fitted_coverage(folds[:2], 0.1)
 
 
 def test_cross_fold_needs_two_folds():
   with pytest.raises(ValueError, match="2 folds"):
-    cf.cross_fold_coverage(three_folds()[:1], 0.1)
+    coverage.cross_fold_coverage(three_folds()[:1], 0.1)
 
 
 def test_conformal_bound_round_trips_through_strict_json():

@@ -16,7 +16,7 @@ from wh_errmap.cv.evaluate import write_records
 from wh_errmap.data.nifti_io import save_nifti
 from wh_errmap.data.structures import MMWHS_CODES, STRUCTURES
 from wh_errmap.errors import UserError
-from wh_errmap.metrics import conformal, quality
+from wh_errmap.metrics import conformal, coverage, quality
 from wh_errmap.report import beyond_paper, panels, tables
 from wh_errmap.report.build import build_report
 from wh_errmap.report.folds import read_fold, read_folds
@@ -260,12 +260,12 @@ def test_qc_statistics_in_the_report(run):
   folds = sorted(records)
   pairs = [tuple(np.array([r[f] for r in records[k] if r["mask_type"] != "gt"])
                  for f in ("pd_mean", "seg_dsc")) for k in folds]
-  expected = conformal.cross_fold_coverage(pairs, 0.1)
+  expected = coverage.cross_fold_coverage(pairs, 0.1)
   assert bounds["mean"]["raw"]["coverage"] == pytest.approx(expected["coverage"])
   assert bounds["mean"]["raw"]["mean_bound"] == pytest.approx(expected["mean_bound"])
   if len(folds) >= 3:
     assert bounds["mean"]["recalibrated"] == {
-        k: pytest.approx(v) for k, v in conformal.cross_fitted_coverage(pairs, 0.1).items()
+        k: pytest.approx(v) for k, v in coverage.cross_fitted_coverage(pairs, 0.1).items()
         if k in ("n", "coverage", "mean_bound", "mean_width")}
   assert "### Per-case lower bounds on the true Dice (90%), across folds" in report
   # Recalibration on the other folds, scored against the same true Dice as the raw value.

@@ -6,9 +6,7 @@ predicted Dice (pure NumPy/SciPy).
   leave_one_out_recalibrated                  each case mapped by a g fitted without it
   conformal_offset, conformal_lower_bound     offset q of one structure; clip(g(pred) - q)
   fit_conformal_bound (ConformalBound)        alpha, q, n (and g) of every structure
-  cross_fold_coverage, cross_fold_table       coverage and width, q fitted on other folds
-  cross_fitted_coverage                       the same with g fitted on half of the other
-                                              folds and q on the rest
+  (metrics.coverage: the cross-fold coverage and width of these bounds)
 
 Split conformal (Vovk et al. 2005; Angelopoulos & Bates 2021): with scores
 s_i = g(pred_i) - true_i on n calibration cases and q their k-th smallest,
@@ -27,7 +25,7 @@ differ, or too few cases raise ValueError.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,7 +123,7 @@ def fit_recalibration(pred: np.ndarray, true: np.ndarray,
   """
   if method not in _RECALIBRATIONS:
     raise ValueError(f"method must be 'isotonic' or 'platt', got {method!r}")
-  p, t = _valid_pairs(pred, true)
+  p, t = valid_pairs(pred, true)
   if p.size < MIN_RECALIBRATION_CASES:
     raise ValueError(f"recalibration needs >= {MIN_RECALIBRATION_CASES} cases with "
                      f"predicted and true Dice, got {p.size}")
@@ -205,8 +203,8 @@ def conformal_offset(pred: np.ndarray, true: np.ndarray, alpha: float,
   """
   if not 0 < alpha < 1:
     raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
-  p, t = _valid_pairs(pred, true)
-  scores = _recalibrate(p, recalibration) - t
+  p, t = valid_pairs(pred, true)
+  scores = recalibrate(p, recalibration) - t
   n = scores.size
   k = _rank(n, alpha)
   if k > n:
@@ -227,7 +225,7 @@ def conformal_lower_bound(pred: np.ndarray, offset: float,
   """
   if math.isnan(offset):
     raise ValueError("offset must not be NaN")
-  return np.clip(_recalibrate(_check_dice(pred, "pred"), recalibration) - offset, 0.0, 1.0)
+  return np.clip(recalibrate(_check_dice(pred, "pred"), recalibration) - offset, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -253,7 +251,7 @@ class ConformalBound:
   def to_dict(self) -> dict[str, Any]:
     """Strict-JSON form: an offset of +inf is written as None (JSON null)."""
     return {"alpha": self.alpha,
-            "offset": {s: _json_float(q) for s, q in self.offset.items()},
+            "offset": {s: json_float(q) for s, q in self.offset.items()},
             "n": dict(self.n),
             "recalibration": {s: g.to_dict() for s, g in self.recalibration.items()}}
 
@@ -285,87 +283,6 @@ def fit_conformal_bound(cases: Mapping[str, tuple[np.ndarray, np.ndarray]], alph
                         {s: n for s, (_, n) in fitted.items()}, recalibration)
 
 
-def cross_fold_coverage(folds: Sequence[tuple[np.ndarray, np.ndarray]], alpha: float,
-                        recalibration: Recalibration | None = None) -> dict[str, Any]:
-  """Coverage and width of bounds of one structure, each fold's q fitted on the others.
-
-  Width is g(pred) - bound: how far the bound sits below the point estimate. Only pairs
-  with neither value NaN are evaluated. For an honest estimate, g must not have been
-  fitted on any of these folds.
-
-  Args:
-    folds: one (pred, true) pair of (n_k,) float arrays per fold, at least 2 folds.
-    alpha: miscoverage in (0, 1).
-    recalibration: a fixed g, or None.
-  Returns:
-    Plain JSON types: {"alpha", "n", "coverage", "mean_width", "mean_bound", "folds"},
-    the middle four pooled over all evaluated cases; "folds" lists {"fold", "q", "n_cal",
-    "n", "coverage", "mean_width"} per fold. q = None means +inf (trivial bound); a coverage
-    or width over no case is None.
-  """
-  if len(folds) < 2:
-    raise ValueError(f"cross-fold evaluation needs >= 2 folds, got {len(folds)}")
-
-  def fit(others):
-    return recalibration, *conformal_offset(*_concatenate(others), alpha, recalibration)
-
-  return _cross_fold(folds, alpha, fit)
-
-
-def cross_fitted_coverage(folds: Sequence[tuple[np.ndarray, np.ndarray]], alpha: float,
-                          method: str = "isotonic") -> dict[str, Any]:
-  """`cross_fold_coverage` with a recalibration that keeps the guarantee.
-
-  For each fold, the other folds are split by their order (every second one): g is fitted
-  on one part and q on the other, so neither was fitted on the fold's own cases and q's
-  scores come from cases g never saw.
-
-  Args:
-    folds: one (pred, true) pair of (n_k,) float arrays per fold, at least 3 folds.
-    alpha: miscoverage in (0, 1).
-    method: the recalibration, as in `fit_recalibration`.
-  Returns:
-    As `cross_fold_coverage`, width measured from g(pred).
-  """
-  if len(folds) < 3:
-    raise ValueError(f"cross-fitted evaluation needs >= 3 folds, got {len(folds)}")
-
-  def fit(others):
-    g = fit_recalibration(*_concatenate(others[0::2]), method)
-    return g, *conformal_offset(*_concatenate(others[1::2]), alpha, g)
-
-  return _cross_fold(folds, alpha, fit)
-
-
-def _cross_fold(folds: Sequence[tuple[np.ndarray, np.ndarray]], alpha: float,
-                fit: Callable[[list], tuple[Recalibration | None, float, int]]
-                ) -> dict[str, Any]:
-  """Each fold's bound from `fit(other folds' valid pairs) -> (g, q, n_cal)`, scored on
-  the fold; the result of `cross_fold_coverage`."""
-  folds = [_valid_pairs(p, t) for p, t in folds]
-  rows, covered, width, bounds = [], [], [], []
-  for k, (p, t) in enumerate(folds):
-    g, q, n_cal = fit([f for j, f in enumerate(folds) if j != k])
-    bounds.append(conformal_lower_bound(p, q, g))
-    covered.append(t >= bounds[-1])
-    width.append(_recalibrate(p, g) - bounds[-1])
-    rows.append({"fold": k, "q": _json_float(q), "n_cal": n_cal, "n": int(p.size),
-                 "coverage": _json_mean(covered[-1]), "mean_width": _json_mean(width[-1])})
-  covered, width = np.concatenate(covered), np.concatenate(width)
-  return {"alpha": float(alpha), "n": int(covered.size), "coverage": _json_mean(covered),
-          "mean_width": _json_mean(width), "mean_bound": _json_mean(np.concatenate(bounds)),
-          "folds": rows}
-
-
-def cross_fold_table(
-    folds_by_structure: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]], alpha: float,
-    recalibration: Mapping[str, Recalibration] | None = None) -> dict[str, dict[str, Any]]:
-  """{structure: `cross_fold_coverage` of its folds}, g looked up per structure."""
-  recalibration = recalibration or {}
-  return {s: cross_fold_coverage(folds, alpha, recalibration.get(s))
-          for s, folds in folds_by_structure.items()}
-
-
 # ---------------------------------------------------------------- helpers
 
 def _check_dice(x: np.ndarray, name: str) -> np.ndarray:
@@ -385,18 +302,15 @@ def _pairs(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return p, t
 
 
-def _valid_pairs(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def valid_pairs(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(pred, true) as float64 (n,) arrays checked to lie in [0, 1], NaN pairs dropped."""
   p, t = _pairs(pred, true)
   keep = ~(np.isnan(p) | np.isnan(t))
   return p[keep], t[keep]
 
 
-def _concatenate(folds: Sequence[tuple[np.ndarray, np.ndarray]]
-                 ) -> tuple[np.ndarray, np.ndarray]:
-  return (np.concatenate([p for p, _ in folds]), np.concatenate([t for _, t in folds]))
-
-
-def _recalibrate(p: np.ndarray, recalibration: Recalibration | None) -> np.ndarray:
+def recalibrate(p: np.ndarray, recalibration: Recalibration | None) -> np.ndarray:
+  """g(p), or p itself when there is no recalibration."""
   return p if recalibration is None else recalibration(p)
 
 
@@ -405,9 +319,6 @@ def _check_method(d: Mapping[str, Any], method: str) -> None:
     raise ValueError(f"expected a {method!r} recalibration, got {d.get('method')!r}")
 
 
-def _json_float(x: float) -> float | None:
+def json_float(x: float) -> float | None:
+  """x, or None for an infinite or NaN value (strict JSON)."""
   return float(x) if math.isfinite(x) else None
-
-
-def _json_mean(x: np.ndarray) -> float | None:
-  return float(np.mean(x)) if x.size else None

@@ -19,8 +19,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from wh_errmap.data.structures import STRUCTURES
-from wh_errmap.metrics.conformal import (cross_fitted_coverage, cross_fold_coverage,
-                                         fit_recalibration)
+from wh_errmap.metrics.conformal import fit_recalibration
+from wh_errmap.metrics.coverage import cross_fitted_coverage, cross_fold_coverage
 from wh_errmap.metrics.quality import (aurc, correlations, e_aurc, expected_calibration_error,
                                        failure_auroc, reliability_curve, risk_coverage)
 from wh_errmap.report.figures import save_figure
