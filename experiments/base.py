@@ -97,6 +97,10 @@ def get_config() -> ml_collections.ConfigDict:
   # predictor.mask_dirs, named after the training cases (wh_errmap/precomputed.py).
   c.predictor.mask_sources = ml_collections.ConfigDict(
       {"segmentors": 1.0, "perturbed": 0.0, "precomputed": 0.0})
+  # Where the segmentors' training masks are made: "crop" = inside each training step from
+  # its augmented crop; "case" = once from each whole training case before training (as the
+  # test masks are made from whole scans), then cropped, scaled and flipped with it.
+  c.predictor.segmentor_masks = "crop"
   c.predictor.mask_dirs = ""     # comma-separated folders of CASE.nii.gz / CASE_*.nii.gz
   c.predictor.mask_labels = ""   # their label convention, as predict's --labels ("" = MMWHS)
   # Rates (per-sample probabilities) and magnitudes (voxels) of the synthetic errors.

@@ -37,7 +37,7 @@ from wh_errmap.models.factory import predictor_model, segmentor_model
 from wh_errmap.models.inference import (inference_mesh, place, predict_error_map, segment_volume,
                                         segment_volume_with_uncertainty)
 from wh_errmap.models.voxresnet import OUTPUT_NAMES, VoxResNet
-from wh_errmap.train.masks import MASK_TYPES
+from wh_errmap.train.masks import MASK_TYPES, case_masks
 from wh_errmap.utils.atomic import write_json, write_text
 from wh_errmap.utils.progress import console
 
@@ -128,10 +128,9 @@ def reference_masks(config: ml_collections.ConfigDict, segmentors: Mapping[str, 
   """The 10 auto masks of each (training) case by the segmentors' variables, on its own
   grid, one device: masks of every quality for the training reference's appearances
   (`data.training_reference.training_reference`)."""
-  models = {name: (segmentor_model(config, name), variables)
-            for name, variables in segmentors.items()}
-  return {case.case_id: [mask for mask_type, mask in all_masks(models, case)[0].items()
-                         if mask_type != "gt"] for case in cases}
+  models = [(segmentor_model(config, name), segmentors[name]) for name in ("seg3d", "seg2d")]
+  masks = case_masks(*models, [case.image for case in cases])
+  return {case.case_id: list(m) for case, m in zip(cases, masks)}
 
 
 def score_masks(masks: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray],

@@ -11,13 +11,14 @@ its own segmentors do not make.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from wh_errmap.errors import UserError
-from wh_errmap.models.inference import slicewise
+from wh_errmap.models.inference import segment_volume, slicewise
 from wh_errmap.models.voxresnet import OUTPUT_NAMES, VoxResNet
 from wh_errmap.train.perturbations import Settings, erode_dilate, perturb, settings_from_mapping
 
@@ -42,6 +43,24 @@ def auto_masks(seg3d: tuple[VoxResNet, Any], seg2d: tuple[VoxResNet, Any],
   outputs2d = slicewise(model2d, variables2d, image)
   return jnp.stack([jnp.argmax(outputs[name], axis=-1).astype(jnp.int32)
                     for outputs in (outputs3d, outputs2d) for name in OUTPUT_NAMES])
+
+
+def case_masks(seg3d: tuple[VoxResNet, Any], seg2d: tuple[VoxResNet, Any],
+               images: Sequence[np.ndarray]) -> list[np.ndarray]:
+  """The 10 auto masks of whole cases, made once on the host side (one device).
+
+  Args:
+    seg3d, seg2d: (model, variables) of the trained segmentors.
+    images: (X, Y, Z) float32 preprocessed volumes, each of its own shape.
+  Returns:
+    One (10, X, Y, Z) uint8 array per image, in the order of AUTO_MASK_TYPES.
+  """
+  out = []
+  for image in images:
+    outputs = [segment_volume(model, variables, np.asarray(image)[..., None])
+               for model, variables in (seg3d, seg2d)]
+    out.append(np.stack([o[name] for o in outputs for name in OUTPUT_NAMES]).astype(np.uint8))
+  return out
 
 
 def pick_masks(masks: jax.Array, label: jax.Array, rng: jax.Array,

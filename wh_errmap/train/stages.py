@@ -3,7 +3,9 @@ the error-map predictor. Each stage returns the trained variables; the models th
 are built for the mesh they run on (`models.factory`)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -19,7 +21,7 @@ from wh_errmap.models.factory import SEGMENTORS, predictor_model, segmentor_mode
 from wh_errmap.train import loop
 from wh_errmap.train.checkpoints import restore_variables
 from wh_errmap.train.losses import batch_dice
-from wh_errmap.train.masks import predictor_mask_sources
+from wh_errmap.train.masks import MaskSources, case_masks, predictor_mask_sources
 from wh_errmap.train.precomputed import training_masks
 from wh_errmap.train.sharding import Layout, model_layout
 from wh_errmap.train.state import create_state, make_optimizer
@@ -55,6 +57,28 @@ def training_input(config: ml_collections.ConfigDict, cases: Sequence[Preprocess
     return {"dataset": dataset}
   return {"dataset": dataset, "device_data": stack_volumes(cases),
           "make_batch": functools.partial(crop_batch, crop_size=crop)}
+
+
+SEGMENTOR_MASKS = ("crop", "case")
+
+
+def segmentor_masks_per_case(config: ml_collections.ConfigDict, sources: MaskSources) -> bool:
+  """Whether the predictor's segmentor masks are made once per whole training case
+  (predictor.segmentor_masks = "case") rather than inside each step from its crop ("crop").
+  UserError for another value, or for "case" together with settings it cannot honour."""
+  where = config.predictor.get("segmentor_masks", "crop")
+  if where not in SEGMENTOR_MASKS:
+    raise UserError(f"predictor.segmentor_masks must be one of {', '.join(SEGMENTOR_MASKS)}, "
+                    f"got {where!r}")
+  if where == "crop" or sources.segmentors == 0:
+    return False
+  if sources.precomputed > 0:
+    raise UserError("predictor.segmentor_masks='case' cannot be combined with precomputed "
+                    "masks (predictor.mask_sources.precomputed > 0): use 'crop'")
+  if config.predictor.gt_probability > 0:
+    raise UserError("predictor.segmentor_masks='case' draws among the segmentors' masks "
+                    "only: set predictor.gt_probability=0 or use 'crop'")
+  return True
 
 
 def model_layouts(config: ml_collections.ConfigDict, **devices: Any) -> dict[str, Layout]:
@@ -134,6 +158,16 @@ def train_predictor(config: ml_collections.ConfigDict, segmentors: Mapping[str, 
     masks, line = training_masks(config.predictor.mask_dirs, config.predictor.mask_labels,
                                  train_cases, preprocess)
     progress(line)
+  if segmentor_masks_per_case(config, sources):
+    # Made once from each whole training case, as test masks are made from whole scans,
+    # then carried through the crops like precomputed masks: the step runs no segmentor.
+    start = time.perf_counter()
+    masks = case_masks(*[(segmentor_model(config, name), segmentors[name])
+                         for name in SEGMENTORS], [case.image for case in train_cases])
+    sources = dataclasses.replace(sources, segmentors=0.0, precomputed=sources.segmentors)
+    progress(f"[predictor] the segmentors' {sum(len(m) for m in masks)} masks of the "
+             f"{len(train_cases)} whole training cases made in "
+             f"{time.perf_counter() - start:.1f} s")
   feed = training_input(config, train_cases, crop, layout.per_process, config.seed + 1000,
                         masks)
   # The frozen segmentors run inside the predictor's step, on its mesh: their convolutions
