@@ -39,6 +39,17 @@ def test_the_setting_and_what_it_cannot_be_combined_with(where, weights, gt_prob
     assert stages.segmentor_masks_per_case(config, sources) is expected
 
 
+def test_a_setting_it_cannot_honour_is_refused_before_any_training():
+  # model_layouts runs before any data or training work (cv_fold, cv_fold_small).
+  config = tiny_config()
+  config.predictor.segmentor_masks = "case"
+  config.predictor.gt_probability = 0.1
+  with pytest.raises(UserError, match="gt_probability"):
+    stages.model_layouts(config)
+  config.predictor.gt_probability = 0.0
+  assert set(stages.model_layouts(config)) == {"seg3d", "seg2d", "predictor"}
+
+
 def test_case_masks_are_each_segmentors_outputs_on_the_whole_case():
   segmentors = tiny_segmentors()
   images = [tiny_cases(1, shape=(20, 18, 14))[0].image,

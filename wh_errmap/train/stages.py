@@ -84,7 +84,9 @@ def segmentor_masks_per_case(config: ml_collections.ConfigDict, sources: MaskSou
 def model_layouts(config: ml_collections.ConfigDict, **devices: Any) -> dict[str, Layout]:
   """The batch layout of every model of a fold ({"seg3d", "seg2d", "predictor"}), checked
   against the devices (UserError naming the setting) before any data or training work.
-  devices: num_devices / num_processes of `model_layout` (default: this run's)."""
+  devices: num_devices / num_processes of `model_layout` (default: this run's).
+  The predictor's mask settings are checked here too."""
+  segmentor_masks_per_case(config, predictor_mask_sources(config))
   return {name: model_layout(config, name, **devices) for name in MODELS}
 
 
