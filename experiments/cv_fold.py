@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from . import base
-from wh_errmap.cv.evaluate import TestScans, read_records, reference_masks
+from wh_errmap.cv.evaluate import TestScans, read_records
 from wh_errmap.cv.run import open_run
 from wh_errmap.data.dataset import Dataset, data_source
 from wh_errmap.data.training_reference import (missing_parts, read_reference,
@@ -28,7 +28,8 @@ from wh_errmap.errors import UserError
 from wh_errmap.metrics.quality import correlations
 from wh_errmap.models.factory import SEGMENTORS
 from wh_errmap.train.sharding import Layout
-from wh_errmap.train.stages import model_layouts, train_predictor, train_segmentor
+from wh_errmap.train.stages import (model_layouts, reference_masks, train_predictor,
+                                     train_segmentor)
 from wh_errmap.utils.progress import StageClock, console
 from wh_errmap.utils.workdir import run_lock
 

@@ -18,12 +18,11 @@ from pathlib import Path
 import ml_collections
 
 from . import base
-from wh_errmap.cv.evaluate import reference_masks
 from wh_errmap.data.dataset import dataset_from_config
 from wh_errmap.data.training_reference import missing_parts, training_reference
 from wh_errmap.errors import UserError
 from wh_errmap.qc.predictor import Predictor, export_predictor, load_predictor
-from wh_errmap.train.stages import restore_segmentors
+from wh_errmap.train.stages import reference_masks, restore_segmentors
 from wh_errmap.utils.progress import console
 
 # Never read by run(): the model file takes the run's own recorded config (model,

@@ -34,10 +34,10 @@ from wh_errmap.metrics.quality import calibration_bins, predicted_dice
 from wh_errmap.metrics.segmentation import (binary_error_map, error_map_scores, quality_indicator,
                                             segmentation_scores, soft_quality_indicator)
 from wh_errmap.models.factory import predictor_model, segmentor_model
-from wh_errmap.models.inference import (inference_mesh, place, predict_error_map, segment_volume,
-                                        segment_volume_with_uncertainty)
+from wh_errmap.models.inference import (bucket_shape, inference_mesh, place, predict_error_map,
+                                        segment_volume, segment_volume_with_uncertainty)
 from wh_errmap.models.voxresnet import OUTPUT_NAMES, VoxResNet
-from wh_errmap.train.masks import MASK_TYPES, case_masks
+from wh_errmap.train.masks import MASK_TYPES
 from wh_errmap.utils.atomic import write_json, write_text
 from wh_errmap.utils.progress import console
 
@@ -123,16 +123,6 @@ def all_masks(segmentors: Mapping[str, Model], case: PreprocessedCase,
   return {mask_type: masks[mask_type] for mask_type in MASK_TYPES}, uncertainty
 
 
-def reference_masks(config: ml_collections.ConfigDict, segmentors: Mapping[str, Any],
-                    cases: Sequence[PreprocessedCase]) -> dict[str, list[np.ndarray]]:
-  """The 10 auto masks of each (training) case by the segmentors' variables, on its own
-  grid, one device: masks of every quality for the training reference's appearances
-  (`data.training_reference.training_reference`)."""
-  models = [(segmentor_model(config, name), segmentors[name]) for name in ("seg3d", "seg2d")]
-  masks = case_masks(*models, [case.image for case in cases])
-  return {case.case_id: list(m) for case, m in zip(cases, masks)}
-
-
 def score_masks(masks: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray],
                 label: np.ndarray, threshold: float,
                 baseline: Mapping[str, np.ndarray] | None = None,
@@ -176,7 +166,8 @@ def _bucketed(*arrays: np.ndarray) -> list[np.ndarray]:
   with False: the metrics score the same voxels, compiled once per bucket of crop sizes."""
   *volumes, valid = arrays
   valid = np.broadcast_to(valid, volumes[0].shape)
-  widths = [(0, 0)] + [(0, -n % SHAPE_BUCKET) for n in valid.shape[1:]]
+  target = bucket_shape(valid.shape[1:], SHAPE_BUCKET)
+  widths = [(0, 0)] + [(0, t - n) for n, t in zip(valid.shape[1:], target)]
   return [np.pad(a, widths) for a in (*volumes, valid)]
 
 

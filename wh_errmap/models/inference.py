@@ -153,15 +153,17 @@ def segment_volume_with_uncertainty(model: VoxResNet, variables: Any, image: np.
           for name, (labels, uncertainty) in outputs.items()}
 
 
-def inference_shape(shape: Sequence[int], mesh: jax.sharding.Mesh | None) -> tuple[int, ...]:
-  """The (X, Y, Z) a whole volume is edge-padded to for the segmentors: each axis to a
-  multiple of SIZE_MULTIPLE, X also to a length that splits over `mesh` (`split_length`).
+def inference_shape(shape: Sequence[int], mesh: jax.sharding.Mesh | None,
+                    bucket: int = SIZE_MULTIPLE) -> tuple[int, ...]:
+  """The (X, Y, Z) a volume is edge-padded to before a model's jit: each axis to a multiple
+  of `bucket`, X also to a length that splits over `mesh` (`split_length`).
 
-  The 3D model edge-pads its input to that multiple itself, so padding first computes the
-  same thing, and scans whose shapes differ by less than the multiple share one compiled
-  program (padded Z slices are slices of their own to the 2D model, cropped away).
+  With the default bucket (the segmentors' whole volumes): the 3D model edge-pads its input
+  to that multiple itself, so padding first computes the same thing, and scans whose shapes
+  differ by less than the multiple share one compiled program (padded Z slices are slices
+  of their own to the 2D model, cropped away).
   """
-  x, *rest = bucket_shape(shape, SIZE_MULTIPLE)
+  x, *rest = bucket_shape(shape, bucket)
   return (split_length(x, mesh), *rest)
 
 
@@ -217,8 +219,7 @@ def predict_error_map(model: VoxResNet, variables: Any, image: np.ndarray, mask:
   length that splits over the mesh (`split_length`).
   """
   shape = mask.shape
-  padded = list(bucket_shape(shape, shape_bucket))
-  padded[0] = split_length(padded[0], mesh)
+  padded = inference_shape(shape, mesh, shape_bucket)
   image = _edge_pad(image, padded)
   mask = _edge_pad(np.asarray(mask, np.int32), padded)
   prob = error_probability(model, *place(mesh, variables, jnp.asarray(image), jnp.asarray(mask)),

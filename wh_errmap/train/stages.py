@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import ml_collections
+import numpy as np
 
 from wh_errmap.data.device_crops import crop_batch, stack_volumes, use_device_data
 from wh_errmap.data.pipeline import train_dataset
@@ -138,6 +139,17 @@ def restore_segmentors(config: ml_collections.ConfigDict, fold_dir: str | Path,
   return out
 
 
+def reference_masks(config: ml_collections.ConfigDict, segmentors: Mapping[str, Variables],
+                    cases: Sequence[PreprocessedCase]) -> dict[str, list[np.ndarray]]:
+  """The 10 auto masks of each (training) case by the segmentors' variables, on its own
+  grid, one device (`train.masks.case_masks`): the predictor's "case" masks, and masks of
+  every quality for the training reference's appearances
+  (`data.training_reference.training_reference`)."""
+  masks = case_masks(*[(segmentor_model(config, name), segmentors[name])
+                       for name in SEGMENTORS], [case.image for case in cases])
+  return {case.case_id: list(m) for case, m in zip(cases, masks)}
+
+
 def train_predictor(config: ml_collections.ConfigDict, segmentors: Mapping[str, Variables],
                     train_cases: Sequence[PreprocessedCase], workdir: str | Path,
                     layout: Layout, preprocess: PreprocessConfig,
@@ -164,8 +176,7 @@ def train_predictor(config: ml_collections.ConfigDict, segmentors: Mapping[str, 
     # Made once from each whole training case, as test masks are made from whole scans,
     # then carried through the crops like precomputed masks: the step runs no segmentor.
     start = time.perf_counter()
-    masks = case_masks(*[(segmentor_model(config, name), segmentors[name])
-                         for name in SEGMENTORS], [case.image for case in train_cases])
+    masks = [np.stack(m) for m in reference_masks(config, segmentors, train_cases).values()]
     sources = dataclasses.replace(sources, segmentors=0.0, precomputed=sources.segmentors)
     progress(f"[predictor] the segmentors' {sum(len(m) for m in masks)} masks of the "
              f"{len(train_cases)} whole training cases made in "
