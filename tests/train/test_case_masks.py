@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from tests.train.tiny import tiny_cases, tiny_config, tiny_segmentors
 from wh_errmap.errors import UserError
 from wh_errmap.train import stages, steps
+from wh_errmap.models.factory import make_model
 from wh_errmap.train.masks import case_masks, mask_sources
+from wh_errmap.train.state import create_state, make_optimizer
+from wh_errmap.utils.mesh import make_mesh
 
 # Spelled out, not imported: the order of the auto masks.
 OUTPUTS = ("final", "side2", "side3", "side4", "side5")
@@ -23,7 +27,7 @@ OUTPUTS = ("final", "side2", "side3", "side4", "side5")
     ("case", {"segmentors": 1.0, "perturbed": 1.0}, 0.0, True),
     ("case", {"perturbed": 1.0}, 0.0, False),   # no segmentor mask to make
     ("case", {"segmentors": 1.0, "precomputed": 1.0}, 0.0, "precomputed"),
-    ("case", {"segmentors": 1.0}, 0.1, "gt_probability"),
+    ("case", {"segmentors": 1.0}, 0.1, True),   # the step draws the ground truth itself
     ("crop", {"segmentors": 1.0}, 0.1, False),
     ("cases", {"segmentors": 1.0}, 0.0, "must be one of crop, case")])
 def test_the_setting_and_what_it_cannot_be_combined_with(where, weights, gt_probability,
@@ -43,10 +47,10 @@ def test_a_setting_it_cannot_honour_is_refused_before_any_training():
   # model_layouts runs before any data or training work (cv_fold, cv_fold_small).
   config = tiny_config()
   config.predictor.segmentor_masks = "case"
-  config.predictor.gt_probability = 0.1
-  with pytest.raises(UserError, match="gt_probability"):
+  config.predictor.mask_sources.precomputed = 1.0
+  with pytest.raises(UserError, match="precomputed"):
     stages.model_layouts(config)
-  config.predictor.gt_probability = 0.0
+  config.predictor.mask_sources.precomputed = 0.0
   assert set(stages.model_layouts(config)) == {"seg3d", "seg2d", "predictor"}
 
 
@@ -94,3 +98,33 @@ def test_the_predictor_trains_on_case_masks_without_running_a_segmentor(tmp_path
   # Every sample took one of its case's masks (none fell back to the ground truth).
   assert all(m["precomputed_fraction"] == 1.0 and m["gt_fraction"] == 0.0 for m in logged)
   assert all(np.isfinite(m["loss"]) for m in logged)
+
+
+@pytest.mark.parametrize("gt_probability", [0.0, 0.5, 1.0])
+def test_carried_case_masks_give_way_to_the_ground_truth_at_gt_probability(gt_probability):
+  # The stage hands "case" masks to the step as carried masks (segmentors 0, precomputed 1).
+  config = tiny_config()
+  model = make_model(config.model, 3, 1)
+  segmentors = tiny_segmentors()
+  step = jax.jit(steps.make_predictor_step(
+      model, segmentors["seg3d"][0], segmentors["seg2d"][0], config.loss, gt_probability, 8,
+      mask_sources({"segmentors": 0.0, "precomputed": 1.0})))
+  n = 64
+  label = np.zeros((n, 8, 8, 8), np.int32)
+  label[:, 2:6, 2:6, 2:6] = 3
+  mask = np.zeros_like(label)      # every carried mask misses the whole LV: 64 voxels wrong
+  batch = {"image": jnp.zeros((n, 8, 8, 8, 1)), "label": jnp.asarray(label),
+           "mask": jnp.asarray(mask), "has_mask": jnp.ones((n,), bool)}
+  state = create_state(model, make_optimizer(config.optim, 10), (n, 8, 8, 8, 9),
+                       jax.random.key(1), make_mesh(jax.devices()[:1]))
+  frozen = {name: variables for name, (_, variables) in segmentors.items()}
+  _, metrics = step(state, batch, jax.random.key(2), frozen)
+  gt = float(metrics["gt_fraction"])
+  assert gt + float(metrics["precomputed_fraction"]) == 1.0
+  # The error rate follows from the draw: 64 of 512 voxels wrong in each carried mask.
+  assert float(metrics["true_error_rate"]) == pytest.approx((1 - gt) * 64 / 512)
+  if gt_probability in (0.0, 1.0):
+    assert gt == gt_probability
+  else:
+    # Binomial(64, 0.5): outside 0.5 +- 5 standard deviations (0.0625) with chance < 1e-6.
+    assert 0.5 - 5 * 0.0625 < gt < 0.5 + 5 * 0.0625

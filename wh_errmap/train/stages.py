@@ -76,9 +76,6 @@ def segmentor_masks_per_case(config: ml_collections.ConfigDict, sources: MaskSou
   if sources.precomputed > 0:
     raise UserError("predictor.segmentor_masks='case' cannot be combined with precomputed "
                     "masks (predictor.mask_sources.precomputed > 0): use 'crop'")
-  if config.predictor.gt_probability > 0:
-    raise UserError("predictor.segmentor_masks='case' draws among the segmentors' masks "
-                    "only: set predictor.gt_probability=0 or use 'crop'")
   return True
 
 

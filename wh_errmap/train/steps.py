@@ -64,7 +64,9 @@ def make_predictor_step(model: VoxResNet, seg3d: VoxResNet, seg2d: VoxResNet,
   predictor learns its error map `mask != label`. With `sources.perturbed` > 0, each
   sample instead takes a perturbed ground truth with probability `sources.perturbed_share`,
   and with `sources.precomputed` > 0 the batch's "mask" (where "has_mask") with probability
-  `sources.precomputed_share` (the segmentors are not run at all when their weight is 0).
+  `sources.precomputed_share` (the segmentors are not run at all when their weight is 0;
+  then a sample that drew a carried mask trains on the ground truth instead with probability
+  `gt_probability`, as `pick_masks` does for in-step masks).
   """
   num_auto = len(AUTO_MASK_TYPES)
 
@@ -92,6 +94,10 @@ def make_predictor_step(model: VoxResNet, seg3d: VoxResNet, seg2d: VoxResNet,
       low = sources.perturbed_share
       precomputed = ((draw >= low) & (draw < low + sources.precomputed_share)
                      & batch["has_mask"])
+      if sources.segmentors == 0 and gt_probability > 0:
+        # The segmentors' masks are carried ("case"): the ground truth is drawn here.
+        keep = jax.random.uniform(jax.random.fold_in(share_rng, 1), (n,)) >= gt_probability
+        precomputed = precomputed & keep
       mask = jnp.where(precomputed.reshape(per_sample), batch["mask"], mask)
     inputs = predictor_input(batch["image"], mask, num_classes)
     error = (mask != label).astype(jnp.float32)
