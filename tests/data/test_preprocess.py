@@ -6,10 +6,11 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from wh_errmap.data.nifti_io import load_case
-from wh_errmap.data.preprocess import (PreprocessConfig, preprocess_cached, preprocess_case,
-                                       restore_to_original)
+from wh_errmap.data.preprocess import (PreprocessConfig, _resample, preprocess_cached,
+                                       preprocess_case, restore_to_original)
 
 
 def ellipsoid_case(tmp_path, write):
@@ -136,3 +137,36 @@ def test_phantom_round_trip_and_size(tmp_path):
   original = np.searchsorted([0, 205, 420, 500, 550, 600, 820, 850], label)
   scores = [dice(restored, original, c) for c in range(1, 8)]
   assert min(scores) >= 0.95, scores
+
+
+def _labels_through_whole_volume_indicators(volume, scale, offset, out_shape, outside):
+  """The reference: every class's indicator interpolated over the whole output, then the
+  most likely class (background = 1 - their sum), the first of equals."""
+  kwargs = dict(offset=offset, output_shape=out_shape, order=1, mode=outside, cval=0.0,
+                prefilter=False)
+  classes = [c for c in np.unique(volume) if c != 0]
+  probs = [ndimage.affine_transform((volume == c).astype(np.float32), scale, **kwargs)
+           for c in classes]
+  background = 1.0 - np.sum(probs, axis=0) if probs else np.ones(out_shape)
+  return np.asarray([0, *classes], volume.dtype)[np.argmax(np.stack([background, *probs]), 0)]
+
+
+@pytest.mark.parametrize("outside", ["nearest", "constant"])
+@pytest.mark.parametrize("seed", range(4))
+def test_labels_resampled_class_by_class_in_their_boxes_equal_the_whole_volume_way(seed,
+                                                                                 outside):
+  # Random boxes of 4 classes, some touching the volume's edges (where "nearest" extends
+  # them past it), resampled up, down and shifted.
+  rng = np.random.default_rng(seed)
+  shape = tuple(int(n) for n in rng.integers(12, 20, 3))
+  volume = np.zeros(shape, np.int16)
+  for code in (205, 500, 600, 820):
+    lo = [int(rng.integers(0, n - 3)) if rng.random() < 0.7 else 0 for n in shape]
+    hi = [int(rng.integers(a + 2, n + 1)) for a, n in zip(lo, shape)]
+    volume[tuple(slice(a, b) for a, b in zip(lo, hi))] = code
+  for scale in (np.array([0.3, 0.45, 0.6]), np.array([1.7, 2.0, 1.3]), np.ones(3)):
+    offset = rng.uniform(-3, 3, 3)
+    out_shape = tuple(int(n) for n in np.ceil(np.asarray(shape) / scale) + 4)
+    got = _resample(volume, scale, offset, out_shape, label=True, outside=outside)
+    want = _labels_through_whole_volume_indicators(volume, scale, offset, out_shape, outside)
+    np.testing.assert_array_equal(got, want)

@@ -94,11 +94,48 @@ def _resample(volume: np.ndarray, scale, offset, out_shape, *, label: bool,
   if not label:
     return ndimage.affine_transform(volume, scale, **kwargs)
   classes = [c for c in np.unique(volume) if c != 0]
-  probs = [ndimage.affine_transform((volume == c).astype(np.float32), scale, **kwargs)
-           for c in classes]
-  background = 1.0 - np.sum(probs, axis=0) if probs else np.ones(kwargs["output_shape"])
-  winner = np.argmax(np.stack([background, *probs]), axis=0)
+  out_shape = kwargs.pop("output_shape")
+  del kwargs["offset"]
+  total = np.zeros(out_shape, np.float32)
+  regions = []
+  for c in classes:
+    indicator = volume == c
+    # Only output voxels that sample within one voxel of the class can be non-zero: each
+    # class is interpolated over that box alone (the same values as over the whole output).
+    box = _class_box(indicator, scale, offset, out_shape, outside)
+    lo = np.array([b.start for b in box])
+    prob = ndimage.affine_transform(indicator.astype(np.float32), scale,
+                                    offset=np.asarray(offset) + np.asarray(scale) * lo,
+                                    output_shape=tuple(b.stop - b.start for b in box), **kwargs)
+    total[box] += prob
+    regions.append((box, prob))
+  # The most likely class, the first of equals, background (1 - the classes' sum) first.
+  best = 1.0 - total
+  winner = np.zeros(out_shape, np.int64)
+  for k, (box, prob) in enumerate(regions, start=1):
+    better = prob > best[box]
+    best[box] = np.where(better, prob, best[box])
+    winner[box] = np.where(better, k, winner[box])
   return np.asarray([0, *classes], volume.dtype)[winner]
+
+
+def _class_box(indicator: np.ndarray, scale, offset, out_shape, outside: str
+               ) -> tuple[slice, ...]:
+  """The output voxels i whose sample point scale * i + offset lies within one voxel of
+  the indicator's bounding box (beyond the volume's edge on a side it touches, when the
+  edge is extended), as slices; linear interpolation is exactly 0 everywhere else."""
+  scale = np.broadcast_to(np.asarray(scale, float), (indicator.ndim,))
+  offset = np.broadcast_to(np.asarray(offset, float), (indicator.ndim,))
+  box = []
+  for axis in range(indicator.ndim):
+    other = tuple(a for a in range(indicator.ndim) if a != axis)
+    present = np.flatnonzero(indicator.any(axis=other))
+    first, last, n, size = present[0], present[-1], indicator.shape[axis], out_shape[axis]
+    lo = 0 if outside == "nearest" and first == 0 else (first - 1 - offset[axis]) / scale[axis]
+    hi = (size if outside == "nearest" and last == n - 1
+          else (last + 1 - offset[axis]) / scale[axis] + 1)
+    box.append(slice(int(np.clip(np.floor(lo), 0, size)), int(np.clip(np.ceil(hi), 0, size))))
+  return tuple(box)
 
 
 def crop_box(label: np.ndarray | None, shape, spacing, config: PreprocessConfig):
