@@ -13,7 +13,8 @@ import jax
 import numpy as np
 from absl import flags
 
-from tests.train.tiny import tiny_config, tiny_segmentors, train_tiny, train_tiny_predictor
+from tests.train.tiny import (tiny_config, tiny_predictor_state, tiny_segmentors, train_tiny,
+                              train_tiny_predictor)
 from wh_errmap.cv.evaluate import evaluate_fold
 from wh_errmap.data.preprocess import PreprocessConfig
 from wh_errmap.models.factory import make_model
@@ -27,7 +28,9 @@ MESHES = ((1, 1), (2, 4), (1, 8))   # (data, space)
 CROP, CASE_SHAPE = (64, 16, 12), (72, 18, 14)
 
 
-def compare(train_fn) -> dict:
+def compare(train_fn, initial=None) -> dict:
+  """Differences of each mesh's training against one device's; with the `initial` params,
+  also the largest parameter change of that one-device training ("update")."""
   results = {}
   for data, space in MESHES:
     with tempfile.TemporaryDirectory() as workdir:
@@ -42,7 +45,8 @@ def compare(train_fn) -> dict:
     return max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
   reference = results.pop("1x1")
-  return {name: {"param_diff": max_diff(reference[0], params),
+  update = None if initial is None else max_diff(reference[0], initial)
+  return {name: {"param_diff": max_diff(reference[0], params), "update": update,
                  "stats_diff": max_diff(reference[1], stats),
                  "losses": losses, "losses_1": reference[2]}
           for name, (params, stats, losses) in results.items()}
@@ -130,7 +134,9 @@ def main(part: str):
   segmentors = tiny_segmentors()
   predictor = compare(lambda workdir, mesh: train_tiny_predictor(
       workdir, mesh, num_steps=3, segmentors=segmentors, batch_size=BATCH, optimizer="sgd",
-      crop=CROP, case_shape=CASE_SHAPE))
+      crop=CROP, case_shape=CASE_SHAPE),
+      initial=jax.device_get(tiny_predictor_state(make_mesh(jax.devices()[:1]), 3, BATCH, "sgd",
+                                                  CROP).params))
   json.dump({"segmentor": segmentor, "predictor": predictor}, sys.stdout)
 
 

@@ -37,8 +37,11 @@ def test_paper_batch_on_8_devices_matches_one_device():
     for mesh, diff in out[name].items():
       np.testing.assert_allclose(diff["losses"], diff["losses_1"], rtol=1e-5)
       # An extra pmean or a missing one would scale the update by 8, and a wrong halo
-      # exchange shows in the gradients: far above these tolerances.
-      assert diff["param_diff"] < 1e-4, (name, mesh, diff)
+      # exchange shows in the gradients: far above these tolerances. The predictor's
+      # masks come from frozen segmentors and its SGD steps amplify rounding (0.09% of its
+      # largest parameter change seen on an AVX-512 CPU): it is held to 1% of that change.
+      bound = 1e-4 if name == "segmentor" else 1e-2 * diff["update"]
+      assert diff["param_diff"] < bound, (name, mesh, diff)
       assert diff["stats_diff"] < 1e-4, (name, mesh, diff)
 
 

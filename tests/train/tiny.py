@@ -81,6 +81,18 @@ def tiny_segmentors(seed: int = 0) -> dict:
   return out
 
 
+def tiny_predictor_state(mesh, num_steps: int, batch_size: int = 8, optimizer: str = "adam",
+                         crop=(16, 16, 12)):
+  """The untrained state that train_tiny_predictor starts from."""
+  config = tiny_config()
+  config.optim.name = optimizer
+  if optimizer == "sgd":
+    config.optim.learning_rate = 0.1
+  model = make_model(config.model, 3, 1, mesh.shape["space"])
+  return create_state(model, make_optimizer(config.optim, num_steps), (batch_size, *crop, 9),
+                      jax.random.key(1), mesh)
+
+
 def train_tiny_predictor(workdir, mesh, num_steps: int, segmentors: dict, batch_size: int = 8,
                          optimizer: str = "adam", crop=(16, 16, 12), case_shape=(20, 18, 14)):
   """Trains a tiny predictor with the real loop and on-the-fly masks; returns the state."""
@@ -90,8 +102,7 @@ def train_tiny_predictor(workdir, mesh, num_steps: int, segmentors: dict, batch_
     config.optim.learning_rate = 0.1
   space = mesh.shape["space"]
   model = make_model(config.model, 3, 1, space)
-  state = create_state(model, make_optimizer(config.optim, num_steps), (batch_size, *crop, 9),
-                       jax.random.key(1), mesh)
+  state = tiny_predictor_state(mesh, num_steps, batch_size, optimizer, crop)
   dataset = train_dataset(tiny_cases(shape=case_shape), crop_size=crop, batch_size=batch_size,
                           seed=0, shard_index=0, shard_count=1)
   # The frozen segmentors in the convolution form of this mesh (same parameters).
