@@ -131,3 +131,23 @@ def test_quickstart_end_to_end_then_again_from_the_compilation_cache(tmp_path):
   assert first.keys() == second.keys()
   different = [name for name in first if first[name] != second[name]]
   assert not different, different
+
+
+def test_a_stage_without_test_records_ends_without_a_report(tmp_path, monkeypatch, capsys):
+  """`python launch.py --set=stage=segmentors` (or predictor) trains what it asks and stops
+  there: no report of records that no stage wrote, and no error after the work is done."""
+  from experiments import cv_fold, quickstart
+
+  ran = []
+  monkeypatch.setattr(cv_fold, "run", lambda config, workdir, clock: ran.append(config.stage))
+  monkeypatch.setattr(quickstart, "build_report",
+                      lambda *a, **k: ran.append("report") or tmp_path / "report.md")
+  config = quickstart.get_config()
+  for stage, reported in (("segmentors", False), ("predictor", False), ("evaluate", True),
+                          ("all", True)):
+    ran.clear()
+    config.stage = stage
+    quickstart.run(config, str(tmp_path))
+    assert ran == [stage, "report"] if reported else ran == [stage], (stage, ran)
+    out = capsys.readouterr().out
+    assert ("no report: stage=" in out) is not reported, (stage, out)
