@@ -96,10 +96,7 @@ def tiny_predictor_state(mesh, num_steps: int, batch_size: int = 8, optimizer: s
 def train_tiny_predictor(workdir, mesh, num_steps: int, segmentors: dict, batch_size: int = 8,
                          optimizer: str = "adam", crop=(16, 16, 12), case_shape=(20, 18, 14)):
   """Trains a tiny predictor with the real loop and on-the-fly masks; returns the state."""
-  config = tiny_config()
-  config.optim.name = optimizer
-  if optimizer == "sgd":
-    config.optim.learning_rate = 0.1
+  config = tiny_config()   # the model and loss; the optimizer is tiny_predictor_state's
   space = mesh.shape["space"]
   model = make_model(config.model, 3, 1, space)
   state = tiny_predictor_state(mesh, num_steps, batch_size, optimizer, crop)
