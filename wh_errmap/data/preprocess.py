@@ -89,13 +89,12 @@ def _resample(volume: np.ndarray, scale, offset, out_shape, *, label: bool,
   of ~0.94 for the thin vessels), and like it never creates a class that was not there.
   outside: "nearest" extends the edge voxels, "constant" reads zeros beyond the volume.
   """
-  kwargs = dict(offset=offset, output_shape=tuple(int(n) for n in out_shape), order=1,
-                mode=outside, cval=0.0, prefilter=False)
+  kwargs = dict(order=1, mode=outside, cval=0.0, prefilter=False)
+  out_shape = tuple(int(n) for n in out_shape)
   if not label:
-    return ndimage.affine_transform(volume, scale, **kwargs)
+    return ndimage.affine_transform(volume, scale, offset=offset, output_shape=out_shape,
+                                    **kwargs)
   classes = [c for c in np.unique(volume) if c != 0]
-  out_shape = kwargs.pop("output_shape")
-  del kwargs["offset"]
   total = np.zeros(out_shape, np.float32)
   regions = []
   for c in classes:
