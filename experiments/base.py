@@ -19,6 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.cache_dir = ""         # "" = $WH_ERRMAP_CACHE or ~/.cache/wh_errmap
   c.modality = "mr"        # which MMWHS cases to use: "mr" (the paper) or "ct"
   c.num_cases = 20         # phantom size when data_dir is "" (MMWHS MR has 20 labelled scans)
+  c.phantom_scale = 1.0    # phantom voxel size x this, 1-8: > 1 gives coarser, smaller scans
+  #                          (quick trials, tests); 1 = MMWHS-like 1 x 1 x 1.6 mm scans
   c.seed = 0               # one seed for phantom, split, initialisation and data order
   c.fold = 0               # which cross-validation fold to run
   c.overwrite = False      # a workdir recorded with other settings: move it aside, start afresh

@@ -10,6 +10,7 @@ import time
 import ml_collections
 
 from . import base
+from wh_errmap.data.dataset import check_phantom_scale
 from wh_errmap.data.phantom import write_phantom
 from wh_errmap.errors import UserError
 
@@ -30,6 +31,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if not config.data_dir:
     raise UserError("make_phantom needs --data_dir: the folder to write the cases to")
   start = time.perf_counter()
-  write_phantom(config.data_dir, num_cases=config.num_cases, seed=config.seed)
+  write_phantom(config.data_dir, num_cases=config.num_cases, seed=config.seed,
+                spacing_scale=check_phantom_scale(config.phantom_scale))
   print(f"wrote {config.num_cases} cases to {config.data_dir} "
         f"in {time.perf_counter() - start:.1f} s", flush=True)

@@ -10,6 +10,7 @@ from scipy import ndimage
 
 from tests.conftest import write_nifti
 from wh_errmap.data.nifti_io import load_case
+from wh_errmap.data.dataset import check_phantom_scale, phantom_dir
 from wh_errmap.data.phantom import make_phantom_case, phantom_geometry, write_phantom
 from wh_errmap.data import anatomy, phantom
 from wh_errmap.data.structures import MMWHS_CODES, STRUCTURES
@@ -189,3 +190,32 @@ def test_refuses_a_file_as_its_folder(tmp_path):
   (tmp_path / "data").write_text("x")
   with pytest.raises(UserError, match="is a file, not a folder"):
     write_phantom(tmp_path / "data", num_cases=1, progress=None, workers=1)
+
+
+@pytest.mark.parametrize("scale, ok", [(0.99, False), (1, True), (1.0, True), (3, True),
+                                       (8, True), (8.01, False), (0, False), (-2, False),
+                                       (float("nan"), False), (float("inf"), False),
+                                       ("x", False), (None, False)])
+def test_phantom_scale_is_from_1_to_8(scale, ok):
+  if ok:
+    assert check_phantom_scale(scale) == float(scale)
+  else:
+    with pytest.raises(UserError, match="phantom_scale must be a number from 1 to 8"):
+      check_phantom_scale(scale)
+
+
+def test_a_coarser_phantom_has_its_own_folder_and_voxels_scale_times_larger(tmp_path):
+  """phantom_scale = 3: the same case's voxel sizes times 3 (from the scale-1 geometry,
+  drawn without rendering), in a folder of its own beside the scale-1 name; a scale out of
+  range writes nothing."""
+  lines = []
+  folder = phantom_dir(tmp_path, 1, 4, lines.append, scale=3)
+  assert folder.name == "phantom-v1-n1-s4-x3" and (folder / ".complete").exists()
+  assert "voxels 3x coarser" in lines[0]
+  affine = nib.load(folder / "mr_train_1001_image.nii.gz").affine
+  _, fine = phantom_geometry(4, 0, 1.0)
+  np.testing.assert_allclose(np.linalg.norm(affine[:3, :3], axis=0),
+                             3 * np.linalg.norm(fine[:3, :3], axis=0), rtol=1e-6)
+  with pytest.raises(UserError, match="phantom_scale"):
+    phantom_dir(tmp_path / "none", 1, 4, lines.append, scale=9)
+  assert not (tmp_path / "none").exists()

@@ -3,7 +3,7 @@
 Cache layout (root: `cache_dir`, by default $WH_ERRMAP_CACHE or ~/.cache/wh_errmap):
 
     xla/                             compiled programs (wh_errmap.cache)
-    phantom-n{N}-s{seed}/            generated phantom in the MMWHS layout (when no data_dir)
+    phantom-v{V}-n{N}-s{seed}[-x{scale}]/  generated phantom in the MMWHS layout (no data_dir)
     datasets/{name}-{hash}/          one folder per data folder (hash of its absolute path)
       splits.json                    the K-fold split, written once
       preprocessed/{case}-{key}.npz  one file per case; key = input files + preprocess config
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import time
 from pathlib import Path
@@ -21,23 +22,44 @@ from wh_errmap.data.mmwhs import find_cases
 from wh_errmap.data.nifti_io import InvalidCaseError
 from wh_errmap.data.preprocess import PreprocessConfig, PreprocessedCase, preprocess_cached
 from wh_errmap.data.splits import fold_cases, load_or_create_splits
+from wh_errmap.errors import UserError
 from wh_errmap.utils.cache import default_cache_dir
 from wh_errmap.utils.progress import console
 
 Progress = Callable[[str], None]
 PHANTOM_VERSION = 1  # bump when the generator changes, so old caches are not reused
+MAX_PHANTOM_SCALE = 8.0   # coarsest phantom voxels offered (x8: about 8-10 mm in-plane)
+
+
+def check_phantom_scale(scale: float) -> float:
+  """phantom_scale as a float, or a UserError naming the setting: the phantom's voxels are
+  coarsened by 1 to MAX_PHANTOM_SCALE (finer than MMWHS-like scans is not offered)."""
+  try:
+    value = float(scale)
+  except (TypeError, ValueError):
+    value = math.nan
+  if not 1.0 <= value <= MAX_PHANTOM_SCALE:   # NaN fails too
+    raise UserError(f"phantom_scale must be a number from 1 to {MAX_PHANTOM_SCALE:g} "
+                    f"(the phantom's voxel size is multiplied by it), got {scale!r}")
+  return value
 
 
 def phantom_dir(cache_dir: str | os.PathLike, num_cases: int, seed: int,
-                progress: Progress = console) -> Path:
-  """The phantom data folder in the cache, generated on first use."""
+                progress: Progress = console, scale: float = 1.0) -> Path:
+  """The phantom data folder in the cache, generated on first use; `scale` > 1 coarsens
+  its voxels (check_phantom_scale)."""
   from wh_errmap.data.phantom import write_phantom  # only needed when no data_dir is given
-  path = Path(cache_dir) / f"phantom-v{PHANTOM_VERSION}-n{num_cases}-s{seed}"
+  scale = check_phantom_scale(scale)
+  suffix = "" if scale == 1.0 else f"-x{scale:g}"
+  path = Path(cache_dir) / f"phantom-v{PHANTOM_VERSION}-n{num_cases}-s{seed}{suffix}"
   done = path / ".complete"
   if not done.exists():
-    progress(f"generating the synthetic phantom ({num_cases} cases, seed {seed}) in {path}")
+    coarse = "" if scale == 1.0 else f", voxels {scale:g}x coarser"
+    progress(f"generating the synthetic phantom ({num_cases} cases, seed {seed}{coarse}) "
+             f"in {path}")
     start = time.perf_counter()
-    write_phantom(path, num_cases=num_cases, seed=seed, progress=progress)
+    write_phantom(path, num_cases=num_cases, seed=seed, progress=progress,
+                  spacing_scale=scale)
     done.write_text(f"{num_cases} cases\n")
     progress(f"phantom ready in {time.perf_counter() - start:.1f} s")
   return path
@@ -104,14 +126,17 @@ def data_source(config: Mapping[str, Any]) -> str:
   its config.json): the MMWHS folder, or the synthetic phantom."""
   if config["data_dir"]:
     return f"MMWHS {config['modality'].upper()} data in {config['data_dir']}"
+  scale = float(config.get("phantom_scale", 1.0))   # absent from older runs' config.json
+  coarse = "" if scale == 1.0 else f", voxels {scale:g}x coarser"
   return (f"the synthetic whole-heart phantom ({config['num_cases']} cases, seed "
-          f"{config['seed']}), not MMWHS data")
+          f"{config['seed']}{coarse}), not MMWHS data")
 
 
 def dataset_from_config(config, progress: Progress = console) -> Dataset:
   """`prepare_dataset` driven by an experiment config (see experiments/base.py)."""
   cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-  data_dir = config.data_dir or phantom_dir(cache_dir, config.num_cases, config.seed, progress)
+  data_dir = config.data_dir or phantom_dir(cache_dir, config.num_cases, config.seed, progress,
+                                            config.phantom_scale)
   return prepare_dataset(data_dir, cache_dir, config.modality,
                          PreprocessConfig.from_config(config), config.splits.num_folds,
                          config.seed, progress)
