@@ -228,7 +228,8 @@ def test_a_signal_is_forwarded_and_the_exit_status_follows_it(tmp_path):
 
 # ---------------------------------------------------------------------------- end to end
 
-TINY = ("model.width1=4", "model.width2=8", "preprocess.spacing=(2.0,2.0,2.0)",
+TINY = ("model.width1=4", "model.width2=8", "model.conv_impl='xla'",
+        "preprocess.spacing=(2.0,2.0,2.0)",
         "preprocess.crop_size=(16,16,16)", "preprocess.margin_mm=2.0",
         "input.crop_3d=(16,16,8)", "input.crop_2d=(16,16)", "input.crop_predictor=(16,16,8)",
         "train.seg3d.steps=2", "train.seg2d.steps=2", "train.predictor.steps=2",

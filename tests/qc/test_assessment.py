@@ -44,7 +44,7 @@ def run_dir(tiny_run):
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
   """(image, MMWHS-coded label, affine) of one phantom case."""
-  return make_phantom_case(seed=3, index=1)
+  return make_phantom_case(seed=3, index=1, spacing_scale=2.0)
 
 
 class EverythingWrong(Predictor):
@@ -247,7 +247,7 @@ def test_a_scan_that_is_not_the_masks_heart_is_out_of_distribution(run_dir, phan
     image = (np.percentile(image, 5) + (noise - noise.min()) / np.ptp(noise)
              * np.ptp(np.percentile(image, (5, 95)))).astype(np.float32)
   else:   # another phantom patient's heart mask, brought onto this scan's grid
-    _, other, _ = make_phantom_case(seed=7, index=0)
+    _, other, _ = make_phantom_case(seed=7, index=0, spacing_scale=2.0)
     mask = ndimage.zoom(other, [a / b for a, b in zip(label.shape, other.shape)], order=0)
     mask = np.pad(mask, [(0, max(0, a - b)) for a, b in zip(label.shape, mask.shape)])
     mask = mask[:label.shape[0], :label.shape[1], :label.shape[2]]
