@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -91,11 +92,14 @@ def test_unknown_experiment_and_bad_override(tmp_path):
 def test_make_phantom_then_prepare_data(tmp_path):
   data = tmp_path / "phantom"
   result = launch("--experiment=make_phantom", f"--data_dir={data}", "--num_cases=2", "--seed=0",
-                  cache=tmp_path / "cache")
+                  "--set=phantom_scale=3", cache=tmp_path / "cache")
   assert result.returncode == 0, result.stderr
   assert sorted(p.name for p in data.iterdir()) == [
       "mr_train_1001_image.nii.gz", "mr_train_1001_label.nii.gz",
       "mr_train_1002_image.nii.gz", "mr_train_1002_label.nii.gz"]
+  # phantom_scale reached the writer: in-plane voxels of 0.9-1.3 mm, times 3.
+  spacing = sorted(nib.load(data / "mr_train_1001_image.nii.gz").header.get_zooms())
+  assert 2.6 < spacing[0] <= spacing[1] < 4.0, spacing
   result = launch("--experiment=prepare_data", f"--data_dir={data}", "--set=splits.num_folds=2",
                   cache=tmp_path / "cache")
   assert result.returncode == 0, result.stderr

@@ -11,7 +11,10 @@ from wh_errmap.models.layers import (Deconv, deconv_to_transpose_kernel, transpo
                                      upsample_linear)
 from wh_errmap.models.voxresnet import OUTPUT_NAMES, SIDE_OUTPUTS, VoxResNet, count_params
 
-TINY = {"width1": 4, "width2": 8}
+# XLA's convolution: 2-3x faster to compile on the CPU than the matmul form that "auto"
+# gives 3D models there. The two forms are compared whole-model below and layer by layer
+# with gradients (test_matmul_convolution_equals_xla_with_gradients).
+TINY = {"width1": 4, "width2": 8, "conv_impl": "xla"}
 
 
 def expected_param_count(spatial_dims, in_channels, num_classes, width1=32, width2=64,
@@ -60,6 +63,11 @@ def test_outputs_are_named_logits_at_input_resolution(shape):
     assert outputs[name].dtype == jnp.float32
   np.testing.assert_allclose(outputs["final"], sum(outputs[name] for name in SIDE_OUTPUTS),
                              rtol=1e-6, atol=1e-6)
+  # The CPU's default form ("auto": matmul in 3D) computes the same outputs.
+  default = VoxResNet(spatial_dims=len(shape) - 1, num_classes=5,
+                      **{**TINY, "conv_impl": "auto"})
+  for name, output in jit_apply(default)(variables, x, train=False).items():
+    np.testing.assert_allclose(output, outputs[name], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 @pytest.mark.parametrize("upsample", ["linear", "transpose", "deconv"])

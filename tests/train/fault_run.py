@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from absl import flags
 
 from tests.train.tiny import train_tiny
+from wh_errmap.cli import _last_line
 from wh_errmap.errors import UserError, storage_error_message
 from wh_errmap.train import loop
 from wh_errmap.utils.mesh import make_mesh
@@ -107,9 +108,11 @@ def main():
     message = storage_error_message(e)
     if message is None:
       raise
-    print(f"error: {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()
-    os._exit(2)   # as launch.py: no tracebacks of orbax's threads after the line
+    # As launch.py: the line stays last whatever orbax's writer threads print after it
+    # (seen: their tracebacks after a plain print), then leave at once.
+    _last_line(f"error: {message}")
+    os._exit(2)
   leaves = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
   np.savez(workdir / "final_params.npz", *leaves)
   print("done", flush=True)
