@@ -122,9 +122,7 @@ else
   num_cases=20  # the paper's; generating + preprocessing them takes ~35 s on one core
   tests=(tests/models/test_voxresnet.py tests/train/test_losses.py tests/train/test_masks.py
          tests/train/test_training.py tests/throughput/test_throughput.py
-         tests/benchmarks/test_torch_reference.py
-         --deselect tests/train/test_training.py::test_paper_batch_on_8_devices_matches_one_device
-         --deselect tests/train/test_training.py::test_whole_scans_of_any_shape_split_over_4_or_8_devices_match_one_device)
+         tests/benchmarks/test_torch_reference.py)
   bench_sets=(--set benchmark.warmup=3 --set benchmark.iters=20)
   data_sets=()
   cv_sets=(--set train.log_every=25)

@@ -93,3 +93,10 @@ def test_the_throughput_benchmark_imports_without_nibabel_grain_or_scipy():
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_longest_first_list_names_test_files_that_exist():
+  """conftest's scheduling list: a renamed file would silently lose its place."""
+  from tests.conftest import LONGEST_FIRST
+  missing = [path for path in LONGEST_FIRST if not (ROOT / path).is_file()]
+  assert not missing and len(set(LONGEST_FIRST)) == len(LONGEST_FIRST), missing

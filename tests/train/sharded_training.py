@@ -4,6 +4,7 @@ of 2 on one device, on a 2 x 4 (data x space) mesh and on a 1 x 8 mesh; or runs 
 inference and a fold's evaluation on one device and split over 4 and 8 (scans of any shape).
 Prints the largest differences against one device as JSON."""
 import json
+import subprocess
 import sys
 import tempfile
 import types
@@ -13,6 +14,7 @@ import jax
 import numpy as np
 from absl import flags
 
+from tests.conftest import ROOT, cpu_env
 from tests.train.tiny import (tiny_config, tiny_predictor_state, tiny_segmentors, train_tiny,
                               train_tiny_predictor)
 from wh_errmap.cv.evaluate import evaluate_fold
@@ -118,6 +120,14 @@ def compare_evaluation(segmentors: dict, predictor: tuple) -> dict:
   return {"records": len(records[4]), "score_diff": max(
       float(np.nanmax(np.abs([a[k] - b[k] for a, b in zip(records[1], records[4])])))
       for k in fields)}
+
+
+def run_on_8_devices(part: str) -> dict:
+  """This script's `part` in a subprocess with 8 simulated CPU devices: its JSON."""
+  result = subprocess.run([sys.executable, "-m", "tests.train.sharded_training", part],
+                          cwd=ROOT, env=cpu_env(8), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main(part: str):

@@ -1,15 +1,13 @@
-"""Data-parallel equivalence (1 vs 8 devices) and exact resume of the training loop."""
+"""Exact resume, learning and on-device crops of the training loop (its 8-device
+equivalence: tests/train/test_sharding.py)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, cpu_env
 from tests.train.tiny import tiny_cases, tiny_config, train_tiny
 from wh_errmap.models.factory import make_model
 from wh_errmap.train import loop
@@ -18,49 +16,6 @@ from wh_errmap.train.state import create_state, make_optimizer
 from wh_errmap.train.steps import make_segmentor_step
 from wh_errmap.utils.mesh import make_mesh
 
-
-
-def sharded(part: str) -> dict:
-  """tests/train/sharded_training.py's `part` on 8 simulated devices: its JSON."""
-  result = subprocess.run([sys.executable, "-m", "tests.train.sharded_training", part],
-                          cwd=ROOT, env=cpu_env(8), capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def test_paper_batch_on_8_devices_matches_one_device():
-  """Segmentor and predictor steps at batch 2: a 2 x 4 and a 1 x 8 (data x space) mesh of
-  simulated devices give the 1-device losses and parameters."""
-  out = sharded("training")
-  for name in ("segmentor", "predictor"):
-    assert sorted(out[name]) == ["1x8", "2x4"]
-    for mesh, diff in out[name].items():
-      np.testing.assert_allclose(diff["losses"], diff["losses_1"], rtol=1e-5)
-      # An extra pmean or a missing one would scale the update by 8, and a wrong halo
-      # exchange shows in the gradients: far above these tolerances. The predictor's
-      # masks come from frozen segmentors and its SGD steps amplify rounding (0.09% of its
-      # largest parameter change seen on an AVX-512 CPU): it is held to 1% of that change.
-      bound = 1e-4 if name == "segmentor" else 1e-2 * diff["update"]
-      assert diff["param_diff"] < bound, (name, mesh, diff)
-      assert diff["stats_diff"] < 1e-4, (name, mesh, diff)
-
-
-def test_whole_scans_of_any_shape_split_over_4_or_8_devices_match_one_device():
-  """Whole-volume inference split over 4 or 8 devices gives the 1-device outputs, for scans
-  whose shape divides by neither, and so does a fold's evaluation of a whole scan."""
-  inference = sharded("inference")
-  for scan in ("4:70x19x13", "8:70x19x13"):
-    for name in ("seg3d", "seg2d"):
-      # Argmax ties aside, the split volume gives the same labels and uncertainties.
-      assert inference[scan][name]["label_mismatch"] < 1e-3, inference
-      assert inference[scan][name]["uncertainty_diff"] < 1e-4, inference
-    assert inference[scan]["predictor"]["prob_diff"] < 1e-4, inference
-  # A scan shorter than a device's share runs (padded along X, outputs of its own shape);
-  # near its end the padding differs from one device's, so only the run is checked.
-  assert set(inference["8:13x11x9"]) == {"seg3d", "seg2d", "predictor"}
-  # A fold's evaluation of a whole scan that 4 devices do not divide: the same 11 records.
-  assert inference["evaluate"]["records"] == 11
-  assert inference["evaluate"]["score_diff"] < 1e-4, inference["evaluate"]
 
 
 def test_resume_gives_the_same_parameters(tmp_path):
