@@ -97,14 +97,22 @@ def _main(argv: list[str]) -> None:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(getattr(e, "exit_code", 2))
   except Exception as e:  # noqa: BLE001  (anything else keeps its traceback)
-    message = storage_error_message(e)
-    if message is None:
-      raise
-    sys.stdout.flush()
-    _last_line(f"error: {message}")
-    # Leave at once (every output is written atomically): at interpreter exit the writer
-    # threads of a failed orbax save would print more tracebacks.
-    os._exit(2)
+    exit_on_storage_error(e)
+    raise
+
+
+def exit_on_storage_error(error: BaseException) -> None:
+  """A full disk, a read-only or missing folder (storage_error_message): one error line,
+  kept last (_last_line), and exit status 2 at once. Returns for any other error.
+
+  Leaving at once is safe (every output is written atomically) and needed: at interpreter
+  exit the writer threads of a failed orbax save would print more tracebacks."""
+  message = storage_error_message(error)
+  if message is None:
+    return
+  sys.stdout.flush()
+  _last_line(f"error: {message}")
+  os._exit(2)
 
 
 def _last_line(line: str) -> None:

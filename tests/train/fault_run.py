@@ -27,8 +27,8 @@ import orbax.checkpoint as ocp
 from absl import flags
 
 from tests.train.tiny import train_tiny
-from wh_errmap.cli import _last_line
-from wh_errmap.errors import UserError, storage_error_message
+from wh_errmap.cli import exit_on_storage_error
+from wh_errmap.errors import UserError
 from wh_errmap.train import loop
 from wh_errmap.utils.mesh import make_mesh
 
@@ -105,14 +105,10 @@ def main():
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(getattr(e, "exit_code", 2))
   except Exception as e:  # noqa: BLE001 -- a full disk etc., as launch.py reports it
-    message = storage_error_message(e)
-    if message is None:
-      raise
-    sys.stdout.flush()
-    # As launch.py: the line stays last whatever orbax's writer threads print after it
-    # (seen: their tracebacks after a plain print), then leave at once.
-    _last_line(f"error: {message}")
-    os._exit(2)
+    # launch.py's own ending: the line stays last whatever orbax's writer threads print
+    # after it (seen: their tracebacks after a plain print).
+    exit_on_storage_error(e)
+    raise
   leaves = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
   np.savez(workdir / "final_params.npz", *leaves)
   print("done", flush=True)
