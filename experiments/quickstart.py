@@ -22,14 +22,14 @@ def get_config() -> ml_collections.ConfigDict:
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   clock = StageClock()
   cv_fold.run(config, workdir, clock)
-  # Stages before "evaluate" write no test records: nothing to report yet.
-  outcome = (f"no report: stage={config.stage} writes no test records (run stage=evaluate "
-             f"or all)")
   if "evaluate" in cv_fold.check_stage(config.stage):
     with clock("report"):
       report = build_report(workdir, num_folds=config.splits.num_folds,
                             threshold=config.predictor.threshold,
                             failure_dice=config.report.failure_dice)
     outcome = f"the report is {report}"
+  else:   # stages before "evaluate" write no test records: nothing to report yet
+    outcome = (f"no report: stage={config.stage} writes no test records (run stage=evaluate "
+               f"or all)")
   console(clock.summary())
   console(f"done in {(time.perf_counter() - clock.start) / 60:.1f} min; {outcome}")

@@ -14,7 +14,6 @@ import jax
 import numpy as np
 from absl import flags
 
-from tests.conftest import ROOT, cpu_env
 from tests.train.tiny import (tiny_config, tiny_predictor_state, tiny_segmentors, train_tiny,
                               train_tiny_predictor)
 from wh_errmap.cv.evaluate import evaluate_fold
@@ -124,6 +123,8 @@ def compare_evaluation(segmentors: dict, predictor: tuple) -> dict:
 
 def run_on_8_devices(part: str) -> dict:
   """This script's `part` in a subprocess with 8 simulated CPU devices: its JSON."""
+  # Imported here, for the calling test only: the script itself needs none of conftest.
+  from tests.conftest import ROOT, cpu_env
   result = subprocess.run([sys.executable, "-m", "tests.train.sharded_training", part],
                           cwd=ROOT, env=cpu_env(8), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
