@@ -2,9 +2,11 @@
 line and exits with status 2 instead of showing a traceback."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
+from typing import Iterator
 
 # OSErrors that mean the storage cannot take or give the data, whoever raised them:
 # (what happened, what to do). Space and read-only errors only arise when writing; a
@@ -50,21 +52,43 @@ def _causes(error: BaseException):
       error = None
 
 
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+  """Writes to an open file fail without a file name (`f.write` on a full disk raises a bare
+  OSError(ENOSPC)): inside this block such an error gets `path` as its file name, so that
+  the one line the user sees says which file, hence which disk."""
+  try:
+    yield
+  except OSError as e:
+    if e.filename is not None or e.errno is None:
+      raise
+    raise type(e)(e.errno, e.strerror, os.fspath(path)) from e
+
+
 def storage_error_message(error: BaseException) -> str | None:
   """One line for a full disk, a read-only file system or a permission problem that caused
-  `error` (checkpoint libraries wrap the OSError in their own exceptions); None otherwise."""
+  `error` (checkpoint libraries wrap the OSError in their own exceptions); None otherwise.
+  The file is named when the error or a cause of it names one; otherwise the line says "a
+  file" (a library's write to an open file)."""
+  best = None   # (errno, file name or None, text): the first that names its file wins
   for cause in _causes(error):
     if isinstance(cause, OSError):
       code, filename, strerror = cause.errno, cause.filename, cause.strerror
     else:
-      found = _TENSORSTORE_ERRNO.search(str(cause))
-      if found is None:
+      match = _TENSORSTORE_ERRNO.search(str(cause))
+      if match is None:
         continue
-      code = int(found.group(1))
+      code = int(match.group(1))
       where = _TENSORSTORE_FILE.search(str(cause))
       filename, strerror = (where.group(1) if where else None), os.strerror(code)
-    if code in STORAGE_ERRNOS:
-      what, advice = STORAGE_ERRNOS[code]
-      where = f" {filename}" if filename else ""
-      return f"{what}{where} ({strerror}); {advice}"
-  return None
+    if code in STORAGE_ERRNOS and (best is None or best[1] is None):
+      best = (code, filename, strerror)
+  if best is None:
+    return None
+  code, filename, strerror = best
+  what, advice = STORAGE_ERRNOS[code]
+  if filename:
+    what = f"{what} {filename}"
+  elif what.endswith(("write", "writing")):
+    what = f"{what} a file"
+  return f"{what.rstrip(':')} ({strerror}); {advice}"

@@ -15,6 +15,7 @@ import pytest
 
 from experiments import base, cv_fold_small
 from tests.conftest import ROOT, blob_label, cpu_env, write_nifti
+from wh_errmap import errors
 from wh_errmap.errors import UserError, storage_error_message
 from wh_errmap.utils import atomic
 from wh_errmap.utils.workdir import check_writable, config_differences, record_config, run_lock
@@ -87,6 +88,38 @@ def test_storage_errors_are_found_inside_library_exceptions():
   assert "resume" in message
   assert storage_error_message(ValueError("unrelated")) is None
   assert storage_error_message(OSError(errno.ENOENT, "missing", "f")) is None
+
+
+def test_a_write_to_an_open_file_is_named_or_said_to_be_a_file(tmp_path):
+  bare = OSError(errno.ENOSPC, "No space left on device")   # f.write on a full disk
+  assert storage_error_message(bare) == (
+      "the disk is full writing a file (No space left on device); " + errors._SPACE)
+  notdir = storage_error_message(NotADirectoryError(errno.ENOTDIR, "Not a directory"))
+  assert notdir.startswith("a part of the path is a file, not a folder (Not a directory)")
+  try:   # a cause further down that names its file wins over a bare one above it
+    try:
+      raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/m.jsonl")
+    except OSError as e:
+      raise OSError(errno.ENOSPC, "No space left on device") from e
+  except OSError as outer:
+    assert storage_error_message(outer).startswith("the disk is full writing /runs/x/m.jsonl (")
+  with pytest.raises(OSError) as raised, errors.naming(tmp_path / "m.jsonl"):
+    raise bare
+  assert raised.value.filename == str(tmp_path / "m.jsonl") and raised.value.errno == errno.ENOSPC
+  assert raised.value.__cause__ is bare
+  named = PermissionError(errno.EACCES, "Permission denied", "/c/x")
+  with pytest.raises(PermissionError) as raised, errors.naming(tmp_path / "other"):
+    raise named
+  assert raised.value is named   # a name it has is kept
+
+  def full(*args):   # the atomic writer's write fails as a full disk's would
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  with pytest.raises(OSError) as raised:
+    with atomic.atomic_path(tmp_path / "out.json") as tmp:
+      full(tmp)
+  assert raised.value.filename == str(tmp_path / "out.json")
+  assert list(tmp_path.iterdir()) == []   # nothing half-written left behind
 
 
 def test_a_failed_write_leaves_neither_output_nor_temporary_file(tmp_path):

@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import multihost
 from jax.experimental import multihost_utils
 
-from wh_errmap.errors import UserError
+from wh_errmap.errors import UserError, naming
 from wh_errmap.train.checkpoints import checkpoint_manager, restore_latest, write_manifest
 from wh_errmap.train.state import TrainState
 from wh_errmap.train.steps import StepFn
@@ -280,7 +280,7 @@ def train(name: str, workdir: str | Path, *, state: TrainState, step_fn: StepFn,
           t_last, step_last = now, step
           record = {"step": step, **metrics, "steps_per_s": rate, "time_s": now - t_start}
           if jax.process_index() == 0:
-            with metrics_path.open("a") as f:
+            with naming(metrics_path), metrics_path.open("a") as f:
               f.write(json.dumps(record) + "\n")
           if step == start + 1:
             speed = f"first step incl. compilation {now - t_start:.1f} s"

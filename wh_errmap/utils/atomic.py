@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from wh_errmap.errors import naming
+
 
 def _umask() -> int:
   """The process's umask, read without changing it where Linux allows (/proc), else by
@@ -54,10 +56,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
   os.close(fd)
   try:
-    yield Path(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())
-    with open(tmp, "rb") as f:
-      os.fsync(f.fileno())
+    with naming(path):   # a full disk inside the block: the error names the file
+      yield Path(tmp)
+      os.chmod(tmp, 0o666 & ~_umask())
+      with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_folder(path.parent)
   finally:
