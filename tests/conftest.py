@@ -70,14 +70,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A fold of the phantom small enough for an end-to-end launch.py run in a test: 4 cases
 # (2 folds: 2 training, 2 test cases) with voxels 3x coarser (about 85 x 85 x 40, written,
-# restored and read back in a tenth of the full scans' time) at 6 mm, every case padded to
-# 32^3 (one compiled inference program per model), widths 4/8, XLA's convolution (see
+# restored and read back in a tenth of the full scans' time) at 8 mm, every case padded to
+# 24^3 (one compiled inference program per model), widths 4/8, XLA's convolution (see
 # tests/train/tiny.py), 2 steps per model, NIfTI for 3d/2d-final + GT.
 TINY_FOLD = ("--num_cases=4", "--set=phantom_scale=3", "--set=model.conv_impl='xla'",
              "--set=splits.num_folds=2", "--set=model.width1=4",
              "--set=model.width2=8", "--set=model.num_voxres=1",
-             "--set=preprocess.spacing=(6.0,6.0,6.0)", "--set=preprocess.crop_size=(32,32,32)",
-             "--set=preprocess.margin_mm=6.0", "--set=input.crop_3d=(16,16,8)",
+             "--set=preprocess.spacing=(8.0,8.0,8.0)", "--set=preprocess.crop_size=(24,24,24)",
+             "--set=preprocess.margin_mm=8.0", "--set=input.crop_3d=(16,16,8)",
              "--set=input.crop_2d=(16,16)", "--set=input.crop_predictor=(16,16,8)",
              "--set=train.seg3d.steps=2", "--set=train.seg2d.steps=2",
              "--set=train.predictor.steps=2", "--set=train.seg2d.batch_size=2",
