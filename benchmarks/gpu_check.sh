@@ -112,8 +112,8 @@ if ((dry_run)); then
   bench_sets=("${tiny[@]}" --set 'preprocess.crop_size=(24,24,16)'
               --set benchmark.warmup=1 --set benchmark.iters=2)
   # The phantom's voxels 3x coarser: written and preprocessed in seconds, not a minute.
-  data_sets=(--set phantom_scale=3 --set 'preprocess.spacing=(6.0,6.0,6.0)'
-             --set 'preprocess.crop_size=(32,32,32)' --set preprocess.margin_mm=6.0)
+  data_sets=(--set phantom_scale=3 --set 'preprocess.spacing=(8.0,8.0,8.0)'
+             --set 'preprocess.crop_size=(24,24,24)' --set preprocess.margin_mm=8.0)
   cv_sets=("${tiny[@]}" --set optim.warmup_steps=2 --set train.log_every=2)
   END_TESTS=120 END_BENCH=300 END_BF16=600 END_F32=600
   MIN_TESTS=10 MIN_BENCH=20 MIN_CV=20
