@@ -75,8 +75,9 @@ def test_test_masks_are_cropped_around_themselves_never_around_the_ground_truth(
   for name, dims, channels in (("seg3d", 3, 1), ("seg2d", 2, 1), ("predictor", 3, 9)):
     model = make_model(config.model, dims, 8 if name != "predictor" else 1)
     shape = (1, 16, 16, 12, channels)[: dims + 1] + (channels,)
-    models[name] = (model, model.init(jax.random.key(0), np.zeros(shape, np.float32),
-                                      train=False))
+    # Jitted: eagerly, init compiles each of its ~200 operations on its own (about 10 s).
+    models[name] = (model, jax.jit(lambda key, model=model, shape=shape: model.init(
+        key, np.zeros(shape, np.float32), train=False))(jax.random.key(0)))
   rng = np.random.default_rng(0)
   image = rng.uniform(-1, 1, (40, 36, 28)).astype(np.float32)
   near, far = np.zeros(image.shape, np.uint8), np.zeros(image.shape, np.uint8)

@@ -20,7 +20,7 @@ def test_scans_of_one_size_bucket_share_a_program_and_keep_their_outputs(spatial
   config.width1, config.width2, config.num_voxres = 4, 8, 1
   model = make_model(config, spatial_dims, 8)
   sample = jnp.zeros((1, 16, 16, 1) if spatial_dims == 2 else (1, 16, 16, 16, 1))
-  variables = model.init(jax.random.key(0), sample, train=False)
+  variables = jax.jit(lambda key: model.init(key, sample, train=False))(jax.random.key(0))
   compiled = None
   # Neither shape is a multiple of 8 on any axis; both round up to 16 x 16 x 16.
   for seed, shape in enumerate([(13, 11, 9), (15, 10, 14)]):

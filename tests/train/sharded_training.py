@@ -62,8 +62,8 @@ def compare_inference() -> dict:
   rng = np.random.default_rng(0)
   segmentors = tiny_segmentors()
   predictor = make_model(config.model, 3, 1)
-  predictor_variables = predictor.init(jax.random.key(3), np.zeros((1, 8, 8, 8, 9), np.float32),
-                                       train=False)
+  predictor_variables = jax.jit(lambda key: predictor.init(
+      key, np.zeros((1, 8, 8, 8, 9), np.float32), train=False))(jax.random.key(3))
   out = {}
   for space, shape in ((4, (70, 19, 13)), (8, (70, 19, 13)), (8, (13, 11, 9))):
     mesh = inference_mesh(space)

@@ -26,19 +26,21 @@ def test_mask_types_follow_the_paper():
 def test_slicewise_applies_the_2d_model_to_every_axial_slice():
   model, variables = tiny_segmentors()["seg2d"]
   volume = jax.random.normal(jax.random.key(0), (2, 8, 8, 5, 1))
-  out = slicewise(model, variables, volume)["final"]
+  # Jitted, as in training (eagerly each operation compiles on its own).
+  out = jax.jit(lambda v, x: slicewise(model, v, x)["final"])(variables, volume)
   assert out.shape == (2, 8, 8, 5, 8)
-  one = model.apply(variables, volume[1:2, :, :, 3], train=False)["final"]
+  one = jax.jit(lambda v, x: model.apply(v, x, train=False)["final"])(
+      variables, volume[1:2, :, :, 3])
   np.testing.assert_allclose(out[1:2, :, :, 3], one, rtol=1e-5, atol=1e-5)
 
 
 def test_auto_masks_are_the_segmentors_argmax():
   segmentors = tiny_segmentors()
   image = jax.random.normal(jax.random.key(0), (2, 16, 16, 8, 1))
-  masks = auto_masks(segmentors["seg3d"], segmentors["seg2d"], image)
+  masks = jax.jit(lambda x: auto_masks(segmentors["seg3d"], segmentors["seg2d"], x))(image)
   assert masks.shape == (10, 2, 16, 16, 8)
   model, variables = segmentors["seg3d"]
-  side4 = model.apply(variables, image, train=False)["side4"]
+  side4 = jax.jit(lambda v, x: model.apply(v, x, train=False)["side4"])(variables, image)
   np.testing.assert_array_equal(masks[AUTO_MASK_TYPES.index("3d-side4")],
                                 jnp.argmax(side4, -1))
 

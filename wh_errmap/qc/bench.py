@@ -64,8 +64,9 @@ def untrained_model_file(path: Path, config: ml_collections.ConfigDict,
   reference of `cases` (their labels as masks, so every check of predict runs)."""
   model = predictor_model(config)
   crop = tuple(config.input.crop_predictor)
-  variables = model.init(jax.random.key(seed), jnp.zeros((1, *crop, 1 + NUM_CLASSES)),
-                         train=False)
+  # Jitted: eagerly, init compiles each of its operations on its own.
+  variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, *crop, 1 + NUM_CLASSES)),
+                                             train=False))(jax.random.key(seed))
   preprocess = PreprocessConfig.from_config(config)
   preprocessed = [preprocess_case(load_case(image, label), preprocess) for image, label in cases]
   reference = training_reference(preprocessed, {c.case_id: [] for c in preprocessed},
