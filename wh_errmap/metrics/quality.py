@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage, stats
+from scipy import ndimage
 
 # ---------------------------------------------------------------- predicted Dice
 
@@ -310,6 +310,9 @@ def correlations(estimate: np.ndarray, truth: np.ndarray) -> dict[str, float | i
   # SciPy warns and returns NaN for constant input; n = 2 leaves no degree of freedom.
   if n < 3 or np.all(estimate == estimate[0]) or np.all(truth == truth[0]):
     return out
+  # Imported here: scipy.stats takes most of a second to import, in every command that
+  # imports this module (predict, a fold's evaluation), and only the statistics need it.
+  from scipy import stats
   pearson = stats.pearsonr(estimate, truth)
   spearman = stats.spearmanr(estimate, truth)
   out.update(pcc=float(pearson.statistic), pcc_p=float(pearson.pvalue),

@@ -11,16 +11,18 @@ right on the viewer's left; coronal (X-Z) with superior up, right on the left; s
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 from scipy import ndimage
 
 from wh_errmap.qc.colours import ERROR_RGB, class_name, rgb01, structure_rgb
 from wh_errmap.utils.atomic import atomic_path
+
+# matplotlib is imported where a figure is drawn: it takes most of a second to import, in
+# every predict command, also those that draw nothing (figures off, a one-line error).
+if TYPE_CHECKING:
+  from matplotlib.figure import Figure
 
 ERROR_ALPHA = 0.45
 FIGSIZE = (10.5, 4.2)  # inches; case_figure's PNG is FIGSIZE * DPI pixels
@@ -110,6 +112,7 @@ def _draw_view(ax, image: np.ndarray, mask: np.ndarray, errors: np.ndarray,
 
 
 def _save(fig: Figure, path: str | os.PathLike, dpi: int) -> None:
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
   FigureCanvasAgg(fig)
   with atomic_path(path, ".png") as tmp:
     fig.savefig(tmp, format="png", dpi=dpi)
@@ -129,6 +132,8 @@ def case_figure(path: str | os.PathLike, image: np.ndarray, mask: np.ndarray,
   neither drawn nor looked at. thumbnail_path: if given, also writes there the axial panel
   alone, THUMBNAIL_WIDTH pixels wide, without text (for the gallery). Both atomically.
   """
+  from matplotlib.figure import Figure
+  from matplotlib.patches import Patch
   errors = error_prob > threshold
   if valid is not None:
     errors &= valid
