@@ -10,6 +10,7 @@ ends (wh_errmap/utils/config_reads.py).
 """
 import os
 import sys
+import time
 
 from absl import app, flags, logging
 
@@ -125,6 +126,10 @@ def _last_line(line: str) -> None:
   terminal = os.dup(2)
   devnull = os.open(os.devnull, os.O_WRONLY)
   os.dup2(devnull, 2)
+  # A write another thread began before the switch still goes to the terminal, and when the
+  # reader is a full pipe (a parent process under load) it ends only once the reader has
+  # read on: wait for such writes before writing the line (seen: a traceback's piece after it).
+  time.sleep(0.2)
   os.write(terminal, f"\n{line}\n".encode())
 
 
